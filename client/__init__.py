@@ -1,0 +1,1 @@
+"""Clients of the real-time server: command line and browser demo."""

@@ -1,0 +1,1 @@
+"""The real-time dialogue server (WebSocket, sessions, controller)."""

@@ -1,0 +1,134 @@
+"""Configuration: YAML files validated by pydantic.
+
+One model holds every option with its default and meaning, so the docs can be generated from it and a
+typo in a deployment's YAML is caught at start-up with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Section):
+    profile: Literal["tiny", "real"] = Field(
+        "tiny",
+        description="tiny: random-weight checkpoints generated on first use (babble, for development "
+        "and CI); real: the published checkpoints under `root`.",
+    )
+    root: Path | None = Field(
+        None,
+        description="Folder holding Step-Audio-Tokenizer/, Step-Audio-Chat/ and Step-Audio-TTS-3B/. "
+        "For the tiny profile it defaults to <cache_dir>/tiny-models.",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Cache folder; default $STEPAUDIO_CACHE or ~/.cache/stepaudio."
+    )
+    seed: int = Field(0, description="Seed of the tiny checkpoints (tiny profile only).")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir.expanduser()
+        env = os.environ.get("STEPAUDIO_CACHE")
+        if env:
+            return Path(env).expanduser()
+        return Path.home() / ".cache" / "stepaudio"
+
+    def resolved_root(self) -> Path:
+        if self.root is not None:
+            return self.root.expanduser()
+        if self.profile == "real":
+            raise ConfigError("models.root: required when models.profile is 'real'")
+        return self.resolved_cache_dir() / f"tiny-models-seed{self.seed}"
+
+
+class TokenizerConfig(_Section):
+    device: str = Field("cpu", description="Torch device of the paraformer encoder.")
+    onnx_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime providers for the S3 tokenizer, in order of preference.",
+    )
+    stream_idle_timeout_s: float = Field(
+        300.0, gt=0, description="A streaming session untouched this long is evicted."
+    )
+    semantic_step_ms: int = Field(
+        480,
+        ge=120,
+        multiple_of=120,
+        description="Streaming: run the S3 tokenizer each time this much new audio has arrived.",
+    )
+    semantic_context_ms: int = Field(
+        2400,
+        ge=0,
+        multiple_of=120,
+        description="Streaming: left context fed to the S3 tokenizer with each new segment.",
+    )
+    semantic_lookahead_ms: int = Field(
+        120,
+        ge=0,
+        multiple_of=120,
+        description="Streaming: newest audio held back until more arrives (its codes see the "
+        "future as offline ones do); flushed by finish().",
+    )
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8700, ge=1, le=65535, description="TCP port.")
+
+
+class Config(_Section):
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = first["msg"]
+        if "input" in first and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key}: {msg}{tail}"
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a YAML config; ``None`` reads the default (tiny, CPU) profile."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    if not p.is_file():
+        if path is None:  # installed without the repo's configs/: defaults are the same profile
+            return Config()
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return config_from_dict(data, str(p))
