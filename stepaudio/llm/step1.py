@@ -160,7 +160,10 @@ class AttentionContext:
         if self.mask_4d is not None:
             bias = bias + additive_from_4d(self.mask_4d[..., start:stop, :key_length], bias.dtype)
         bias = bias.to(dtype)
-        self._memo[key] = bias
+        if stop - start == self.query_positions.shape[0]:
+            # Only a whole-sequence bias is kept for the next layers: keeping every chunk's bias
+            # would rebuild the full O(L^2) tensor that chunking exists to avoid.
+            self._memo[key] = bias
         return bias
 
 
@@ -397,7 +400,7 @@ class Step1ForCausalLM(Step1PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
-            **{compat.CACHE_FIELD: outputs[compat.CACHE_FIELD] if use_cache is not False else None},
+            **{compat.CACHE_FIELD: getattr(outputs, compat.CACHE_FIELD)},
         )
         return out if return_dict is not False else out.to_tuple()
 

@@ -132,8 +132,12 @@ class LinguisticTokenizer:
     def __init__(self, tokenizer_dir: str | os.PathLike[str], device: str = "cpu") -> None:
         root = Path(tokenizer_dir)
         model_dir = root / PARAFORMER_SUBDIR
-        for f in (model_dir / "config.yaml", model_dir / "model.pt", model_dir / "am.mvn",
-                  root / CENTROIDS_FILE):
+        for f in (
+            model_dir / "config.yaml",
+            model_dir / "model.pt",
+            model_dir / "am.mvn",
+            root / CENTROIDS_FILE,
+        ):
             if not f.is_file():
                 raise ModelError(f"{f}: missing (linguistic tokenizer)")
         self.device = torch.device(device)
@@ -216,7 +220,8 @@ class LinguisticTokenizer:
         """One reference loop iteration: frontend, encoder, keep the chunk's own frames, quantise."""
         if is_final and not _reference_flushes(self._frontend, stream.frontend_cache, len(samples)):
             return np.zeros(0, dtype=np.int64)
-        x = torch.from_numpy(np.ascontiguousarray(samples))[None, :]
+        # A copy: the caller's array may be read-only, and torch must not alias it.
+        x = torch.from_numpy(np.array(samples, dtype=np.float32))[None, :]
         with self._lock, torch.inference_mode():
             feats, lens = self._frontend(
                 x, [x.shape[1]], cache=stream.frontend_cache, is_final=is_final
