@@ -77,7 +77,11 @@ def write_tiny_models(
     Refuses a non-empty `root` unless `force`, because the same command pointed at a real model
     folder by mistake must not destroy 280 GB of downloads.
     """
-    root = Path(root)
+    return _write(Path(root), seed, force, progress, keep_complete=False)
+
+
+def _write(root: Path, seed: int, force: bool, progress: Progress | None, keep_complete: bool
+           ) -> Path:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ModelError(f"tiny models: seed must be a non-negative integer, got {seed!r}")
     if root.exists() and not root.is_dir():
@@ -98,7 +102,10 @@ def write_tiny_models(
                     progress(name, i, len(steps))
                 write(tmp)
         (tmp / MARKER_FILE).write_text(_marker_text(seed), encoding="utf-8")
-        _swap_into_place(tmp, root)
+        if keep_complete and is_complete_tiny_root(root, seed):
+            shutil.rmtree(tmp)  # another process finished first; leave its files in place
+        else:
+            _swap_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,7 +128,7 @@ def ensure_tiny_models(root: Path | str, seed: int = 0, progress: Progress | Non
             f"point the tiny profile at an empty or new folder"
         )
     try:
-        return write_tiny_models(root, seed=seed, force=True, progress=progress)
+        return _write(root, seed, True, progress, keep_complete=True)
     except OSError:
         if is_complete_tiny_root(root, seed):  # another process won the race to rename
             return root

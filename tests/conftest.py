@@ -27,3 +27,11 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def audio_dir() -> Path:
     return AUDIO
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny random-weight model root per test session (about 10 s to write, ~36 MB)."""
+    from stepaudio.tiny import ensure_tiny_models
+
+    return ensure_tiny_models(tmp_path_factory.mktemp("tiny") / "models")
