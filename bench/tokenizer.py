@@ -54,6 +54,18 @@ def offline_lag(tok: StepAudioTokenizer, pcm: np.ndarray) -> float:
     return time.perf_counter() - t
 
 
+def agreement(tok: StepAudioTokenizer, pcm: np.ndarray) -> float:
+    """Share of final streaming ids equal to the offline ids (running-peak normalisation)."""
+    off = tok.tokenize(pcm, SR).ids
+    stream = tok.open_stream()
+    ids: list[int] = []
+    for i in range(0, len(pcm), CHUNK):
+        ids += stream.feed(pcm[i : i + CHUNK], SR)
+    ids += stream.finish()
+    n = min(len(ids), len(off))
+    return sum(a == b for a, b in zip(ids[:n], off[:n], strict=True)) / max(len(off), 1)
+
+
 def streaming_lag(tok: StepAudioTokenizer, pcm: np.ndarray) -> tuple[float, float]:
     stream = tok.open_stream()
     chunks = [pcm[i : i + CHUNK] for i in range(0, len(pcm), CHUNK)]
@@ -86,8 +98,9 @@ def main() -> None:
     tok.tokenize(speech(1.0), SR)  # warm-up
     print(f"# tokenizer lag, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, median of {args.repeats}")
-    print("| utterance | offline lag (ms) | streaming lag (ms) | ratio | streaming compute / audio s |")
-    print("|---|---|---|---|---|")
+    print("| utterance | offline lag (ms) | streaming lag (ms) | ratio | streaming compute / audio s "
+          "| streaming ids = offline |")
+    print("|---|---|---|---|---|---|")
     for seconds in (2, 5, 10, 20):
         pcm = speech(seconds)
         off = [offline_lag(tok, pcm) for _ in range(args.repeats)]
@@ -95,7 +108,9 @@ def main() -> None:
         o = statistics.median(off)
         s = statistics.median(x[0] for x in st)
         rtf = statistics.median(x[1] for x in st)
-        print(f"| {seconds} s | {o * 1000:.1f} | {s * 1000:.1f} | {s / o:.3f} | {rtf:.3f} |")
+        agree = agreement(tok, pcm)
+        print(f"| {seconds} s | {o * 1000:.1f} | {s * 1000:.1f} | {s / o:.3f} | {rtf:.3f} "
+              f"| {agree:.1%} |")
 
 
 if __name__ == "__main__":

@@ -47,23 +47,21 @@ class EspnetRelPositionalEncoding(nn.Module):
         super().__init__()
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
-        self._pe: torch.Tensor | None = None
-        self._extend(max_len, torch.float32, torch.device("cpu"))
+        self._pe = self._table(max_len)  # float32 master; sliced, then cast per call
 
-    def _extend(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        pe = self._pe
-        if pe is None or pe.size(1) < size * 2 - 1:
-            pos = torch.arange(0, size, dtype=torch.float32)
-            positive = torch.flip(_sinusoid(pos, self.d_model), [0])
-            negative = _sinusoid(-1 * pos, self.d_model)[1:]
-            pe = torch.cat([positive, negative], dim=0).unsqueeze(0)
-        self._pe = pe.to(device=device, dtype=dtype)
-        return self._pe
+    def _table(self, size: int) -> torch.Tensor:
+        pos = torch.arange(0, size, dtype=torch.float32)
+        positive = torch.flip(_sinusoid(pos, self.d_model), [0])
+        negative = _sinusoid(-1 * pos, self.d_model)[1:]
+        return torch.cat([positive, negative], dim=0).unsqueeze(0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pe = self._extend(x.size(1), x.dtype, x.device)
-        size, center = x.size(1), pe.size(1) // 2
-        return x * self.xscale, pe[:, center - size + 1 : center + size]
+        size = x.size(1)
+        if self._pe.size(1) < size * 2 - 1:
+            self._pe = self._table(size)
+        center = self._pe.size(1) // 2
+        pos = self._pe[:, center - size + 1 : center + size].to(device=x.device, dtype=x.dtype)
+        return x * self.xscale, pos
 
 
 class RelPositionalEncoding(nn.Module):
