@@ -84,6 +84,103 @@ class TokenizerConfig(_Section):
     )
 
 
+class LLMConfig(_Section):
+    """Step-Audio-Chat: which engine runs it, where, and how replies are sampled."""
+
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        "transformers",
+        description="transformers: in this process on `device` (tiny models, one GPU); vllm: "
+        "in-process vLLM AsyncLLM (pip install 'stepaudio-realtime[vllm]'); openai: a remote "
+        "`vllm serve` (see `stepaudio vllm-command`) through its /v1/completions stream.",
+    )
+    device: str = Field("cpu", description="transformers engine: torch device (cpu, cuda:0).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="transformers engine: weight dtype; auto keeps the checkpoint's (bfloat16). "
+        "fp32 on CPU, bf16 on GPU.",
+    )
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="openai engine: the server's OpenAI API root (the part before /completions).",
+    )
+    served_model_name: str = Field(
+        "step-audio-chat",
+        description="openai engine: the `model` sent with each request (vllm --served-model-name).",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="openai engine: name of the environment variable holding the API key "
+        "(vllm --api-key); none sends no Authorization header. The key itself never goes in YAML.",
+    )
+    dialect: Literal["vllm", "openai"] = Field(
+        "vllm",
+        description="openai engine: vllm sends vLLM's extra fields (stop_token_ids, top_k, "
+        "skip_special_tokens, return_token_ids); openai sends only standard OpenAI fields and "
+        "relies on the server stopping on the checkpoint's eos (id 3).",
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="openai engine: seconds to open a connection."
+    )
+    read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="openai engine: longest silence between two stream chunks (the first one "
+        "waits for the prefill) before the response fails.",
+    )
+    connect_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="openai engine: extra connection attempts (backing off 0.25 s, 0.5 s, ...) "
+        "before the response fails; never retried once the server has accepted the request.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vllm engine and `stepaudio vllm-command`: GPUs one model is sharded over "
+        "(4 for the 130B Step-Audio-Chat).",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm engine: fraction of each GPU vLLM may take."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Context window (prompt + reply tokens); none: the checkpoint's max_seq_len "
+        "(32768).",
+    )
+    context_budget_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Most tokens a prompt may use; the oldest text history is dropped to fit, the "
+        "newest audio turn never. None: max_model_len minus max_new_tokens.",
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description="transformers engine: prompt tokens per forward, so a long prompt delays the "
+        "other running replies by one chunk at a time.",
+    )
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(
+        50,
+        ge=0,
+        description="Top-k cut (0 = off); 50 is what the reference's transformers generate() "
+        "applied by default.",
+    )
+    max_new_tokens: int = Field(2048, ge=1, description="Longest reply in tokens.")
+    seed: int | None = Field(
+        None, description="Seed of the sampler (none: random); for reproducible tests."
+    )
+
+    def budget(self, max_model_len: int) -> int:
+        """Prompt tokens allowed for a window of ``max_model_len`` tokens."""
+        if self.context_budget_tokens is not None:
+            return min(self.context_budget_tokens, max_model_len - 1)
+        return max(1, max_model_len - self.max_new_tokens)
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8700, ge=1, le=65535, description="TCP port.")
@@ -92,6 +189,7 @@ class ServerConfig(_Section):
 class Config(_Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
 

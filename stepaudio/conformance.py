@@ -125,6 +125,16 @@ def tokenizer_suite(golden: Path) -> Iterator[Case]:
 SUITES: list[Suite] = [tokenizer_suite]
 
 
+def tts_suite(golden: Path) -> Iterator[Case]:
+    """golden/tts/{CosyVoice folder, cases/}: CAM++, prompt mel, flow, estimator, HiFT, end to end."""
+    from .tts.golden_cases import tts_cases  # torch-heavy: imported only when this suite runs
+
+    yield from tts_cases(golden)
+
+
+SUITES.append(tts_suite)
+
+
 def run_conformance(golden_dir: Path) -> Iterator[Case]:
     golden = Path(golden_dir)
     if not golden.is_dir():

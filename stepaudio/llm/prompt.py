@@ -39,6 +39,9 @@ class SamplingDefaults:
 
     temperature: float = 0.7
     top_p: float = 0.9
+    #: Not in the reference's call: transformers' ``generate`` applies top_k 50 by default and the
+    #: checkpoints carry no generation_config.json that would turn it off.
+    top_k: int = 50
     max_new_tokens: int = 2048
     do_sample: bool = True
     stop_token_ids: tuple[int, ...] = (EOT_ID,)

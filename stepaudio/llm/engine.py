@@ -1,0 +1,246 @@
+"""One streaming, cancellable interface over every way of running Step-Audio-Chat (and TTS-3B).
+
+The controller starts speculative responses and drops them when the user keeps talking, so the
+interface is built around cancellation: ``generate()`` returns a :class:`Generation` that is an
+async iterator of :class:`Delta` objects and can be stopped at any point with ``cancel()`` (sync,
+from anywhere) or ``aclose()`` (async, returns once the backend has stopped). Deltas carry token
+ids as well as text because the TTS stage reuses the same engines to sample audio tokens.
+
+Errors are ours: a backend that is down, slow or talks nonsense raises an :class:`EngineError`
+from the iterator, which ends that one response; the engine itself keeps serving the others.
+
+Backends (imported lazily by :func:`make_engine`, so choosing one never imports another):
+``transformers`` (in process), ``vllm`` (in-process AsyncLLM), ``openai`` (a remote ``vllm serve``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from stepaudio.errors import StepAudioError
+from stepaudio.llm.prompt import SamplingDefaults
+
+if TYPE_CHECKING:
+    from stepaudio.config import LLMConfig
+
+#: ``(ids so far, logits) -> logits``: ids are prompt + generated (as transformers' processors see
+#: them), logits a 1-D float tensor over the vocabulary. Runs in the engine's worker thread.
+LogitsHook = Callable[[Sequence[int], Any], Any]
+
+
+class EngineError(StepAudioError):
+    """A generation failed; the message says why in one line. Ends one response, not the engine."""
+
+
+class EngineUnavailable(EngineError):
+    """The backend cannot be reached (refused, reset, DNS) after the allowed retries."""
+
+
+class EngineTimeout(EngineError):
+    """The backend accepted the request but did not answer in time."""
+
+
+class EngineProtocolError(EngineError):
+    """The backend answered something that is not an OpenAI-style completion stream."""
+
+
+class EngineUnsupported(EngineError):
+    """The request needs a feature this backend does not have (e.g. an in-process logits hook)."""
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class RepetitionRule:
+    """The TTS-3B ``RepetitionAwareLogitsProcessor``: ban a token that floods the recent window.
+
+    Over the last ``window`` ids (prompt included, as in the reference), if the newest id makes up
+    more than ``max_ratio`` of them, its logit becomes -inf for the next step. Nothing happens
+    while fewer than ``window`` ids exist.
+    """
+
+    window: int = 10
+    max_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; the defaults are the reference's ``generate`` call for Step-Audio-Chat.
+
+    ``top_k`` 50 is not in the reference's call but is what transformers' ``generate`` applies
+    by default, and the checkpoints ship no ``generation_config.json`` that would change it.
+    ``temperature`` 0 means greedy. ``seed`` makes one request reproducible on one engine.
+    ``logits_hook`` and ``repetition`` run in process only (transformers engine); the remote
+    engines refuse them rather than silently sampling differently.
+    """
+
+    temperature: float = SamplingDefaults.temperature
+    top_p: float = SamplingDefaults.top_p
+    top_k: int = SamplingDefaults.top_k
+    max_new_tokens: int = SamplingDefaults.max_new_tokens
+    stop_token_ids: tuple[int, ...] = SamplingDefaults.stop_token_ids
+    seed: int | None = None
+    skip_special_tokens: bool = False
+    logits_hook: LogitsHook | None = field(default=None, compare=False)
+    repetition: RepetitionRule | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig, **overrides: Any) -> SamplingParams:
+        values: dict[str, Any] = {
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request; ``completion_tokens`` includes the stop token if one ended it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output since the previous delta.
+
+    ``text`` never ends inside a UTF-8 character and keeps word-initial spaces; ``token_ids`` are
+    the sampled ids (stop ids excluded). The last delta of a stream has ``finish_reason`` and
+    ``usage`` set, and may carry text too (held-back characters flushed at the end).
+    """
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class Generation(AsyncIterator[Delta]):
+    """One running request: iterate it for deltas, stop it with ``cancel()`` or ``aclose()``.
+
+    Iteration raises :class:`EngineError` if the backend fails; ``finish_reason`` is then ERROR.
+    Cancelling the task that iterates also cancels the request.
+    """
+
+    request_id: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: EngineError | None = None
+
+    def cancel(self) -> None:  # pragma: no cover - interface
+        """Stop producing tokens (idempotent, thread-safe, never blocks)."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:  # pragma: no cover - interface
+        """Cancel and wait until the backend has stopped working on this request."""
+        raise NotImplementedError
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def collect(self) -> tuple[str, list[int]]:
+        """Whole reply text and token ids (convenience for offline use and tests)."""
+        text, ids = [], []
+        async for delta in self:
+            text.append(delta.text)
+            ids.extend(delta.token_ids)
+        return "".join(text), ids
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the server and the CLI use; every backend implements it."""
+
+    name: str
+    #: Longest prompt + reply the backend accepts.
+    max_model_len: int
+    #: The checkpoint's text tokenizer (prompt building, token budgets, detokenization).
+    tokenizer: Any
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Generation: ...
+
+    async def aclose(self) -> None: ...
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_prompt(prompt: str | Sequence[int]) -> str | list[int]:
+    """Refuse prompts no backend can run, with the same message everywhere."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise EngineError("empty prompt")
+        return prompt
+    ids = [int(i) for i in prompt]
+    if not ids:
+        raise EngineError("empty prompt")
+    if min(ids) < 0:
+        raise EngineError("prompt token ids must be >= 0")
+    return ids
+
+
+def make_engine(cfg: LLMConfig, model_dir: str | os.PathLike[str] | None) -> Engine:
+    """Build the engine named by ``cfg.engine`` for the checkpoint folder ``model_dir``.
+
+    The folder supplies the tokenizer for every engine (the remote one too: prompts are built and
+    budgeted here), and the weights for the in-process ones.
+    """
+    folder = Path(model_dir) if model_dir is not None else None
+    if cfg.engine == "transformers":
+        from stepaudio.llm.engine_transformers import TransformersEngine
+
+        if folder is None:
+            raise EngineError("the transformers engine needs the checkpoint folder")
+        return TransformersEngine.from_config(cfg, folder)
+    if cfg.engine == "openai":
+        from stepaudio.llm.engine_openai import OpenAIEngine
+
+        return OpenAIEngine.from_config(cfg, folder)
+    if cfg.engine == "vllm":
+        from stepaudio.llm.engine_vllm import VLLMEngine
+
+        if folder is None:
+            raise EngineError("the vllm engine needs the checkpoint folder")
+        return VLLMEngine.from_config(cfg, folder)
+    raise EngineError(f"unknown llm engine {cfg.engine!r}")
+

@@ -1,0 +1,427 @@
+"""Remote engine: a ``vllm serve`` deployment (or any OpenAI-compatible server) over HTTP.
+
+Uses the streaming legacy ``POST /v1/completions`` because the Step-Audio prompt is a raw string
+(or token ids) built here, not a chat the server would template. Several dialogue-server replicas
+can share one vLLM deployment this way.
+
+Failure handling is the point of this module: a connection refused is retried a bounded number of
+times with backoff (the request has not reached the server, so a retry cannot duplicate work); a
+timeout, a reset mid-stream, an HTTP error or a body that is not an OpenAI stream raises one of our
+:class:`EngineError` types with a one-line message, which ends that response only. Streams are
+accepted with or without the final ``data: [DONE]`` (vLLM sends it, ``transformers serve`` does
+not). Closing a generation closes its connection, which is how vLLM learns to abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from stepaudio.llm.detok import IncrementalDetokenizer
+from stepaudio.llm.engine import (
+    Delta,
+    EngineError,
+    EngineProtocolError,
+    EngineTimeout,
+    EngineUnavailable,
+    EngineUnsupported,
+    FinishReason,
+    Generation,
+    SamplingParams,
+    Usage,
+    check_prompt,
+    new_request_id,
+)
+
+if TYPE_CHECKING:
+    from stepaudio.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.CANCELLED,
+    "cancelled": FinishReason.CANCELLED,
+}
+_SSE_FIELDS = ("event:", "id:", "retry:")
+
+
+def completion_body(
+    prompt: str | list[int],
+    params: SamplingParams,
+    model: str,
+    dialect: str,
+) -> dict[str, Any]:
+    """The JSON body of one streaming completion request.
+
+    ``vllm`` adds vLLM's sampling extensions: ``stop_token_ids`` (the tokenizer's eos is ``</s>``,
+    the model ends turns with id 3), ``top_k``, ``skip_special_tokens`` false and no spaces between
+    special tokens (the reference decodes with transformers' defaults), and ``return_token_ids`` so
+    deltas carry the exact sampled ids (TTS audio tokens). ``openai`` sends only standard fields,
+    for servers that reject unknown ones (``transformers serve`` answers 422).
+    """
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if dialect == "vllm":
+        body.update(
+            stop_token_ids=list(params.stop_token_ids),
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=False,
+            return_token_ids=True,
+        )
+        if params.top_k > 0:
+            body["top_k"] = params.top_k
+    elif dialect != "openai":
+        raise ValueError(f"unknown dialect {dialect!r}")
+    return body
+
+
+def parse_sse_line(line: str) -> dict[str, Any] | None:
+    """One line of an event stream: a JSON object, None to skip, ``{"done": True}`` for [DONE].
+
+    Raises :class:`EngineProtocolError` for anything that is not part of an SSE stream, so a
+    proxy's HTML error page or a misrouted port fails loudly instead of yielding empty replies.
+    """
+    line = line.strip()
+    if not line or line.startswith(":") or line.startswith(_SSE_FIELDS):
+        return None
+    if not line.startswith("data:"):
+        raise EngineProtocolError(f"backend sent a non-SSE line: {line[:120]!r}")
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return {"done": True}
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise EngineProtocolError(f"backend sent invalid JSON: {data[:120]!r}") from None
+    if not isinstance(obj, dict):
+        raise EngineProtocolError(f"backend sent a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _error_message(obj: dict[str, Any]) -> str | None:
+    """The error text of an error object in any of the shapes servers use, else None."""
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    if err is not None:
+        return str(err)
+    if obj.get("object") == "error":
+        return str(obj.get("message") or obj)
+    return None
+
+
+class _HTTPGeneration(Generation):
+    def __init__(self, engine: OpenAIEngine, prompt: str | list[int], params: SamplingParams,
+                 request_id: str) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._prompt = prompt
+        self._params = params
+        self._iter: AsyncIterator[Delta] = self._run()
+        self._cancelled = False
+        self._finished = False
+        self._response: httpx.Response | None = None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        response = self._response
+        if response is not None and not response.is_closed:
+            # Closing the stream from outside is how a speculative reply is dropped: the server
+            # sees the disconnect and aborts. Schedule it; cancel() itself must not block.
+            try:
+                asyncio.get_running_loop().create_task(response.aclose())
+            except RuntimeError:
+                pass
+
+    async def aclose(self) -> None:
+        self._cancelled = True
+        if self._response is not None:
+            await self._response.aclose()
+        await self._iter.aclose()  # type: ignore[attr-defined]
+        self._finished = True
+
+    async def __anext__(self) -> Delta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            delta = await self._iter.__anext__()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except EngineError as exc:
+            self._finished = True
+            self.finish_reason = FinishReason.ERROR
+            self.error = exc
+            raise
+        except StopAsyncIteration:
+            self._finished = True
+            raise
+        if delta.finish_reason is not None:
+            self._finished = True
+            self.finish_reason = delta.finish_reason
+            self.usage = delta.usage
+        return delta
+
+    def _final(self, reason: FinishReason, usage: Usage) -> Delta:
+        return Delta(finish_reason=reason, usage=usage)
+
+    async def _run(self) -> AsyncIterator[Delta]:
+        engine, params = self._engine, self._params
+        body = completion_body(self._prompt, params, engine.model, engine.dialect)
+        detok = (
+            IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            if engine.tokenizer is not None
+            else None
+        )
+        completion_ids = 0
+        text_chunks = 0
+        usage: dict[str, Any] | None = None
+        finish: FinishReason | None = None
+        try:
+            response = await engine._open(body, self.request_id)
+        except EngineError:
+            raise
+        self._response = response
+        try:
+            if self._cancelled:
+                yield self._final(FinishReason.CANCELLED, self._usage(usage, completion_ids))
+                return
+            async for line in response.aiter_lines():
+                obj = parse_sse_line(line)
+                if obj is None:
+                    continue
+                if obj.get("done"):
+                    break
+                message = _error_message(obj)
+                if message is not None:
+                    raise EngineError(f"backend error: {message}")
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                choices = obj.get("choices")
+                if not isinstance(choices, list):
+                    raise EngineProtocolError("backend chunk has no 'choices' list")
+                for choice in choices:
+                    text = choice.get("text") or ""
+                    ids = [int(t) for t in (choice.get("token_ids") or [])]
+                    reason = choice.get("finish_reason")
+                    if reason is not None:
+                        finish = _FINISH.get(reason)
+                        if finish is None:
+                            raise EngineError(f"backend ended the reply with {reason!r}")
+                        if finish is FinishReason.STOP and ids and ids[-1] in params.stop_token_ids:
+                            ids = ids[:-1]  # vLLM returns the stop id; the text never has it
+                    completion_ids += len(ids)
+                    if detok is not None and ids:
+                        # Our own detokenizer, so text is identical across engines; the server's
+                        # text is used when it sent no ids.
+                        text = detok.add_many(ids)
+                    if text or ids:
+                        text_chunks += 1
+                        yield Delta(text=text, token_ids=tuple(ids))
+            if finish is None:
+                if self._cancelled:
+                    finish = FinishReason.CANCELLED
+                else:
+                    raise EngineProtocolError("backend stream ended without a finish reason")
+            tail = detok.flush() if detok is not None and finish is not FinishReason.CANCELLED else ""
+            yield Delta(
+                text=tail,
+                finish_reason=finish,
+                usage=self._usage(usage, completion_ids or text_chunks, finish),
+            )
+        except httpx.TimeoutException as exc:
+            raise EngineTimeout(
+                f"LLM backend at {engine.base_url} sent nothing for {engine.read_timeout_s:g} s"
+            ) from exc
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if self._cancelled:
+                yield self._final(FinishReason.CANCELLED, self._usage(usage, completion_ids))
+                return
+            raise EngineUnavailable(
+                f"LLM backend at {engine.base_url} dropped the stream: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            await response.aclose()
+
+    def _usage(self, usage: dict[str, Any] | None, counted: int,
+               finish: FinishReason | None = None) -> Usage:
+        if usage:
+            return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        prompt = self._prompt
+        if isinstance(prompt, list):
+            n_prompt = len(prompt)
+        elif self._engine.tokenizer is not None:
+            n_prompt = len(self._engine.tokenizer.encode(prompt))
+        else:
+            n_prompt = 0
+        # Without server usage the stop token was never seen; count it as the server would.
+        extra = 1 if finish is FinishReason.STOP else 0
+        return Usage(n_prompt, counted + extra)
+
+
+class OpenAIEngine:
+    """Client of an OpenAI-compatible completions server; one shared connection pool per loop."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        tokenizer: Any = None,
+        api_key: str | None = None,
+        dialect: str = "vllm",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        connect_retries: int = 2,
+        retry_backoff_s: float = 0.25,
+        max_model_len: int = 32768,
+        defaults: SamplingParams | None = None,
+    ) -> None:
+        if dialect not in ("vllm", "openai"):
+            raise ValueError(f"unknown dialect {dialect!r}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dialect = dialect
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.connect_retries = connect_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.max_model_len = max_model_len
+        self.defaults = defaults or SamplingParams()
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._clients: dict[int, httpx.AsyncClient] = {}
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig, model_dir: str | os.PathLike[str] | None) -> OpenAIEngine:
+        tokenizer = None
+        max_len = cfg.max_model_len
+        if model_dir is not None and Path(model_dir).is_dir():
+            from stepaudio.llm.tokenizer import load_text_tokenizer
+
+            tokenizer = load_text_tokenizer(model_dir)
+            if max_len is None:
+                config = Path(model_dir) / "config.json"
+                if config.is_file():
+                    max_len = json.loads(config.read_text(encoding="utf-8")).get("max_seq_len")
+        api_key = None
+        if cfg.api_key_env:
+            api_key = os.environ.get(cfg.api_key_env)
+            if not api_key:
+                raise EngineError(f"llm.api_key_env: environment variable {cfg.api_key_env} is unset")
+        return cls(
+            cfg.base_url,
+            cfg.served_model_name,
+            tokenizer=tokenizer,
+            api_key=api_key,
+            dialect=cfg.dialect,
+            connect_timeout_s=cfg.connect_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
+            connect_retries=cfg.connect_retries,
+            max_model_len=int(max_len or 32768),
+            defaults=SamplingParams.from_config(cfg),
+        )
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Generation:
+        """Start a request; connecting happens on the first ``__anext__``."""
+        params = params or self.defaults
+        if params.logits_hook is not None or params.repetition is not None:
+            raise EngineUnsupported(
+                "the openai engine cannot run in-process logits hooks or repetition rules; "
+                "use the transformers engine for that request"
+            )
+        prompt = check_prompt(prompt)
+        return _HTTPGeneration(self, prompt, params, request_id or new_request_id())
+
+    def _client(self) -> httpx.AsyncClient:
+        # An httpx client's pool belongs to one event loop; tests (and CLI runs) may use several.
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(id(loop))
+        if client is None or client.is_closed:
+            timeout = httpx.Timeout(
+                connect=self.connect_timeout_s,
+                read=self.read_timeout_s,
+                write=self.read_timeout_s,
+                pool=self.connect_timeout_s,
+            )
+            client = httpx.AsyncClient(timeout=timeout, headers=self._headers, trust_env=False)
+            self._clients[id(loop)] = client
+        return client
+
+    async def _open(self, body: dict[str, Any], request_id: str) -> httpx.Response:
+        """POST with bounded retries on connection failures only; return the open stream."""
+        url = f"{self.base_url}/completions"
+        client = self._client()
+        request = client.build_request(
+            "POST", url, json=body, headers={"X-Request-Id": request_id}
+        )
+        attempt = 0
+        while True:
+            try:
+                response = await client.send(request, stream=True)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt >= self.connect_retries:
+                    raise EngineUnavailable(
+                        f"cannot reach the LLM backend at {self.base_url} after "
+                        f"{attempt + 1} attempt(s): {exc or type(exc).__name__}"
+                    ) from exc
+                await asyncio.sleep(self.retry_backoff_s * 2**attempt)
+                attempt += 1
+            except httpx.TimeoutException as exc:
+                raise EngineTimeout(
+                    f"LLM backend at {self.base_url} did not answer within {self.read_timeout_s:g} s"
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise EngineUnavailable(
+                    f"LLM backend at {self.base_url} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        if response.status_code != 200:
+            try:
+                raw = (await response.aread()).decode("utf-8", "replace")
+            except httpx.HTTPError:
+                raw = ""
+            finally:
+                await response.aclose()
+            detail = raw.strip().replace("\n", " ")[:200]
+            try:
+                obj = json.loads(raw)
+                detail = (_error_message(obj) if isinstance(obj, dict) else None) or detail
+            except ValueError:
+                pass
+            raise EngineError(f"LLM backend answered HTTP {response.status_code}: {detail}")
+        return response
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                await client.aclose()
+            except RuntimeError:  # its loop is already closed; nothing left to release
+                pass
