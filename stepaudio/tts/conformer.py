@@ -9,6 +9,7 @@ compatibility and ignored: this code never trains.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -240,7 +241,9 @@ class ConformerEncoderLayer(nn.Module):
             self.norm_final = nn.LayerNorm(size, eps=1e-5)
         self.normalize_before = normalize_before
 
-    def _sub(self, x: torch.Tensor, norm: nn.Module, fn, scale: float = 1.0) -> torch.Tensor:
+    def _sub(self, x: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+             scale: float = 1.0) -> torch.Tensor:
+        """Residual sub-block; pre- or post-norm as configured (the checkpoint was trained so)."""
         y = fn(norm(x) if self.normalize_before else x)
         x = x + scale * y if scale != 1.0 else x + y
         return x if self.normalize_before else norm(x)
