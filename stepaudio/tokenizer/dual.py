@@ -15,6 +15,7 @@ import numpy as np
 
 from ..audio import StreamingResampler, check_sample_rate, energy_normalize, iter_audio_blocks
 from ..errors import AudioError, ModelError
+from ..models import S3_ONNX_FILE
 from .interleave import interleave_ids, token_text
 from .linguistic import LinguisticTokenizer
 from .preprocess import SR, preprocess
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from ..config import TokenizerConfig
     from .streaming import AudioTokenStream
 
-S3_ONNX = "speech_tokenizer_v1.onnx"
 
 
 @dataclass
@@ -58,7 +58,7 @@ class StepAudioTokenizer:
             raise ModelError(f"{self.dir}: tokenizer folder not found")
         self.linguistic = LinguisticTokenizer(self.dir, device=device)
         self.semantic = SemanticTokenizer(
-            self.dir / S3_ONNX,
+            self.dir / S3_ONNX_FILE,
             providers=onnx_providers,
             step_ms=semantic_step_ms,
             context_ms=semantic_context_ms,

@@ -26,13 +26,10 @@ import torch
 import yaml
 
 from ..errors import AudioError, ModelError
+from ..models import CENTROIDS_FILE, PARAFORMER_SUBDIR
 
 log = logging.getLogger(__name__)
 
-PARAFORMER_SUBDIR = (
-    "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
-)
-CENTROIDS_FILE = "linguistic_tokenizer.npy"
 SR = 16000
 CHUNK_SIZE = (0, 4, 5)  # [left pad, LFR frames per chunk, overlap frames], as the reference passes
 CHUNK_SAMPLES = CHUNK_SIZE[1] * 960  # 240 ms: 4 LFR frames of 60 ms
