@@ -1,4 +1,4 @@
-"""The serving path for Step1 decode on one GPU: static KV cache, slots, per-row positions, CUDA graphs.
+"""The serving path for Step1 decode on one GPU: static KV cache, slots, CUDA graphs.
 
 Why this exists: one decode step of TTS-3B must read all 7 GB of weights, which on an H100/H200
 takes 1.6-2.4 ms; the model's normal forward (a growing ``DynamicCache``, a freshly built sqrt-ALiBi
@@ -9,10 +9,11 @@ is not a weight read must therefore disappear:
   change and a step can be captured in a CUDA graph and replayed (one launch instead of ~1300);
 * q/k/v and gate/up are each one matrix product: the model's own parameters are re-pointed, in
   place, at slices of one packed tensor per layer (one copy of the weights, not two);
-* residual adds ride inside the output projections (``addmm``), RMSNorm and SiLU*up are one Triton
-  kernel each, and attention is one Triton kernel that writes the new key/value into the cache,
-  computes ``-slope * sqrt(i - j)`` from the row's position on the fly and reads only the row's
-  own keys (split over the key axis when the batch is too small to fill the GPU);
+* residual adds ride inside the output projections (in-place ``addmm_``); RMSNorm and
+  SiLU*up are one Triton kernel each; attention is one Triton kernel that writes the new
+  key/value into the cache, computes ``-slope * sqrt(i - j)`` from the row's position on the
+  fly and reads only the row's own keys (split over the key axis when the batch is too small
+  to fill the GPU, then merged by a second small kernel);
 * every row carries its own position, so independent requests of any lengths share a batch:
   a request holds a *slot*, joins by prefill and leaves by release, while the graph of the smallest
   batch bucket that fits runs the listed slots; padding rows point at a scratch slot.
@@ -145,7 +146,8 @@ class StaticKVCache:
         cls, config: Any, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> StaticKVCache:
         head_dim = config.hidden_size // config.num_attention_heads
-        shape = (config.num_hidden_layers, slots + 1, config.num_attention_groups, max_len, head_dim)
+        groups, layers = config.num_attention_groups, config.num_hidden_layers
+        shape = (layers, slots + 1, groups, max_len, head_dim)
         return cls(
             k=torch.zeros(shape, dtype=dtype, device=device),
             v=torch.zeros(shape, dtype=dtype, device=device),
@@ -263,7 +265,9 @@ if HAS_TRITON:
         for start in range(lo, hi, BLOCK_N):
             j = start + offs
             valid = j < hi
+            # Both loads are issued before any use, so their memory latencies overlap.
             k = tl.load(kbase + j[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vbase + j[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             dist = tl.maximum(pos - j, 0).to(tl.float32)
             sc = sc - slopes[:, None] * tl.sqrt_rn(dist)[None, :]
@@ -271,7 +275,6 @@ if HAS_TRITON:
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(sc - m_new[:, None])
-            v = tl.load(vbase + j[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
@@ -496,7 +499,7 @@ class Step1FastDecoder:
 
     def _set_length(self, slot: int, length: int) -> None:
         self._lengths[slot] = length
-        self.lengths_dev[slot] = length
+        self.lengths_dev[slot].fill_(length)  # a fill kernel: no host-to-device copy
 
     def _check_slot(self, slot: int) -> None:
         if not (0 <= slot < self.max_batch and self._active[slot]):
@@ -623,10 +626,11 @@ class Step1FastDecoder:
             h = self._norm(x, layer.input_layernorm)
             qkv = F.linear(h, qkv_w)
             attn = self._attend(index, qkv, slots, pos)
-            x = torch.addmm(x, attn, layer.self_attn.o_proj.weight.t())
+            # In place: an out-of-place addmm first copies x (64 device copies per step).
+            x.addmm_(attn, layer.self_attn.o_proj.weight.t())
             h = self._norm(x, layer.post_attention_layernorm)
             act = self._silu_mul(F.linear(h, gate_up_w))
-            x = torch.addmm(x, act, layer.mlp.down_proj.weight.t())
+            x.addmm_(act, layer.mlp.down_proj.weight.t())
         logits = F.linear(self._norm(x, self.base.norm), self.lm_head_weight)
         # Advance the listed rows; padding rows all wrote the scratch slot, whose length is
         # then reset so it never walks off the end of its cache row.
@@ -653,7 +657,12 @@ class Step1FastDecoder:
         return self._attend_torch(layer, qkv, slots, pos)
 
     def splits_for(self, rows: int) -> int:
-        """Key splits per (row, group): enough programs to fill the GPU's multiprocessors."""
+        """Key splits per (row, group): about one program per multiprocessor.
+
+        At batch 1 the 4 KV groups alone would leave almost the whole GPU idle while each
+        program walks its keys; at batch 32 (128 programs) splitting further was measured
+        slower on an H100 (the extra combine launch costs more than the shorter walk saves).
+        """
         programs = rows * self.num_groups
         return max(1, min(self.max_splits, _pow2_floor(self.num_sms // max(1, programs))))
 
