@@ -106,6 +106,108 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.output:
+        raise StepAudioError(
+            f"-o {args.output}: speech output arrives with the TTS stage; "
+            "`stepaudio chat` prints the reply text for now"
+        )
+    import asyncio
+    import time
+
+    from transformers.utils import logging as hf_logging
+
+    from .config import load_config
+    from .llm.engine import SamplingParams, make_engine
+    from .llm.prompt import DEMO_SYSTEM_PROMPT
+    from .llm.turn import reply_to_audio
+    from .tokenizer import StepAudioTokenizer
+
+    hf_logging.disable_progress_bar()
+    cfg = load_config(args.config)
+    models = Path(args.models)
+    if not models.is_dir():
+        raise StepAudioError(f"{models}: model root not found")
+    t0 = time.perf_counter()
+    tok = StepAudioTokenizer.from_config(models / "Step-Audio-Tokenizer", cfg.tokenizer)
+    audio = tok.tokenize_file(args.wav)
+    t_tok = time.perf_counter() - t0
+    engine = make_engine(cfg.llm, models / "Step-Audio-Chat")
+    overrides = {}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    params = SamplingParams.from_config(cfg.llm, **overrides)
+    system = None if args.no_system else (args.system or DEMO_SYSTEM_PROMPT)
+    send_text = cfg.llm.engine == "openai" and cfg.llm.dialect == "openai"
+
+    def show(delta) -> None:
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+
+    async def run():
+        try:
+            return await reply_to_audio(
+                engine, audio.ids, system=system, params=params,
+                budget=cfg.llm.budget(engine.max_model_len), send_text=send_text, on_delta=show,
+            )
+        finally:
+            await engine.aclose()
+
+    result = asyncio.run(run())
+    sys.stdout.write("\n")
+    usage = result.usage
+    print(
+        f"[{cfg.llm.engine}] audio {len(audio.ids)} ids in {t_tok:.2f} s; prompt "
+        f"{result.prompt.tokens} tokens; reply {len(result.token_ids)} tokens in "
+        f"{result.seconds:.2f} s ({result.tokens_per_s:.0f} tokens/s), finish "
+        f"{result.finish_reason.value if result.finish_reason else '?'}"
+        + (f", usage {usage.prompt_tokens}+{usage.completion_tokens}" if usage else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_vllm_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from urllib.parse import urlsplit
+
+    from .llm.vllm_args import VLLM_VERSION, chat_spec, tts_spec
+
+    models = Path(args.models)
+    tp, max_len, port, name = args.tp, args.max_model_len, args.port, None
+    if args.config:  # the server's own config decides whatever the flags leave open
+        from .config import load_config
+
+        llm = load_config(args.config).llm
+        tp = tp or llm.tensor_parallel_size
+        max_len = max_len or llm.max_model_len
+        port = port or urlsplit(llm.base_url).port
+        name = llm.served_model_name
+    chat = chat_spec(models, tensor_parallel_size=tp or 4, max_model_len=max_len,
+                     port=port or 8000, host=args.host)
+    if name:
+        chat = replace(chat, served_model_name=name)
+    missing = [p for p in [chat.model_dir] if not (p / "config.json").is_file()]
+    specs = [chat]
+    if args.tts:
+        tts = tts_spec(models, gpu=len(chat.gpus), port=args.tts_port, host=args.host)
+        specs.append(tts)
+        if not (tts.model_dir / "config.json").is_file():
+            missing.append(tts.model_dir)
+    for folder in missing:
+        print(f"warning: {folder} has no config.json (is --models the right root?)",
+              file=sys.stderr)
+    print(f"# vLLM {VLLM_VERSION} (pip install 'stepaudio-realtime[vllm]'); "
+          "see docs/vllm.md for why each flag is there")
+    for i, spec in enumerate(specs):
+        if i:
+            print()
+        print(spec.command())
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .models import check_model_root
@@ -139,6 +241,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     return run_server(cfg, root)
+
+
+def cmd_tts(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .pipeline import speak_to_wav
+
+    hf_logging.disable_progress_bar()
+    result = speak_to_wav(
+        args.models, args.text, args.output, speaker=args.speaker, prompt_wav=args.prompt_wav,
+        prompt_text=args.prompt_text, seed=args.seed, device=args.device,
+    )
+    rep = result.report
+    first = f"{rep.first_chunk_s:.2f} s" if rep.first_chunk_s is not None else "-"
+    print(
+        f"{result.path}: {result.seconds:.2f} s at {result.sample_rate} Hz from "
+        f"{len(rep.clauses)} clause(s), {rep.flow_tokens} audio tokens in {result.wall_s:.2f} s "
+        f"(first audio after {first})",
+        file=sys.stderr,
+    )
+    for warning in rep.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +304,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("golden_dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_conformance)
+
+    s = sub.add_parser("chat", help="answer one spoken turn (wav) in text, offline")
+    s.add_argument("--models", required=True, help="model root with Step-Audio-Tokenizer/ and "
+                   "Step-Audio-Chat/")
+    s.add_argument("wav")
+    s.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
+    s.add_argument("--system", help="system prompt (default: the reference demo's)")
+    s.add_argument("--no-system", action="store_true", help="send no system prompt")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("-o", "--output", help="reply speech wav (arrives with the TTS stage)")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("vllm-command", help="print the `vllm serve` command(s) for the checkpoints")
+    s.add_argument("--models", required=True, help="model root with Step-Audio-Chat/")
+    s.add_argument("--tp", type=int, help="tensor parallel size (GPUs 0..tp-1) for the Chat; "
+                   "default 4, or llm.tensor_parallel_size with --config")
+    s.add_argument("--tts", action="store_true",
+                   help="also print the TTS-3B command, on the GPU after the Chat's")
+    s.add_argument("--config", help="take tp, max model len, served name and port from this "
+                   "server config's llm section")
+    s.add_argument("--port", type=int, help="default 8000, or the port of llm.base_url")
+    s.add_argument("--tts-port", type=int, default=8001)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--max-model-len", type=int, help="default: the checkpoint's max_seq_len")
+    s.set_defaults(func=cmd_vllm_command)
+    s = sub.add_parser("tts", help="speak a text with Step-Audio-TTS-3B into a wav file")
+    s.add_argument("--models", required=True, help="model root with Step-Audio-TTS-3B/ (and "
+                   "Step-Audio-Tokenizer/ to describe voices)")
+    s.add_argument("--text", required=True, help="text to speak; may start with tags such as "
+                   "(高兴1)(粤语) or (RAP)")
+    s.add_argument("--speaker", help="registered speaker id (default Tingting)")
+    s.add_argument("--prompt-wav", help="clone the voice of this wav (1-30 s) ...")
+    s.add_argument("--prompt-text", help="... whose transcript this is")
+    s.add_argument("--seed", type=int, help="sampling and noise seed (reproducible output)")
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda:0)")
+    s.add_argument("-o", "--output", required=True, help="output wav (22.05 kHz, 16-bit)")
+    s.set_defaults(func=cmd_tts)
     return p
 
 

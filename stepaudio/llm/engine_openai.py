@@ -139,15 +139,16 @@ class _HTTPGeneration(Generation):
         self._cancelled = False
         self._finished = False
         self._response: httpx.Response | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     def cancel(self) -> None:
         self._cancelled = True
         response = self._response
-        if response is not None and not response.is_closed:
-            # Closing the stream from outside is how a speculative reply is dropped: the server
-            # sees the disconnect and aborts. Schedule it; cancel() itself must not block.
+        if response is not None and not response.is_closed and self._closing is None:
+            # Closing the connection is how a speculative reply is dropped: the server sees the
+            # disconnect and aborts the request. Scheduled, because cancel() must not block.
             try:
-                asyncio.get_running_loop().create_task(response.aclose())
+                self._closing = asyncio.get_running_loop().create_task(response.aclose())
             except RuntimeError:
                 pass
 
@@ -155,7 +156,10 @@ class _HTTPGeneration(Generation):
         self._cancelled = True
         if self._response is not None:
             await self._response.aclose()
-        await self._iter.aclose()  # type: ignore[attr-defined]
+        # A consumer blocked in __anext__ in another task finishes the generator itself (it sees
+        # the closed stream and yields the cancelled delta); closing it here would be an error.
+        if not getattr(self._iter, "ag_running", False):
+            await self._iter.aclose()  # type: ignore[attr-defined]
         self._finished = True
 
     async def __anext__(self) -> Delta:
@@ -195,10 +199,7 @@ class _HTTPGeneration(Generation):
         text_chunks = 0
         usage: dict[str, Any] | None = None
         finish: FinishReason | None = None
-        try:
-            response = await engine._open(body, self.request_id)
-        except EngineError:
-            raise
+        response = await engine._open(body, self.request_id)
         self._response = response
         try:
             if self._cancelled:

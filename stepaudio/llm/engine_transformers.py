@@ -78,17 +78,21 @@ def sample_token(
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     vocab = logits.shape[-1]
+    # Work on the few candidates only: top-k (sorted) first, then the nucleus inside it. With a
+    # 74752-word vocabulary a full sort per token would cost more than a tiny model's forward.
     if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, index = torch.topk(logits, params.top_k)
+    elif params.top_p < 1.0:
+        values, index = torch.sort(logits, descending=True)
+    else:
+        values, index = logits, None
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        probs = torch.softmax(values, dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the best one stays.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        values = values.masked_fill(drop, float("-inf"))
+    choice = int(torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator))
+    return choice if index is None else int(index[choice])
 
 
 class _ThreadedGeneration(Generation):
