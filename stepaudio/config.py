@@ -161,6 +161,33 @@ class LLMConfig(_Section):
         description="transformers engine: prompt tokens per forward, so a long prompt delays the "
         "other running replies by one chunk at a time.",
     )
+    fast_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="transformers engine: decode all running replies in one batched step over a "
+        "static KV cache (CUDA graphs + Triton kernels on a GPU). auto: on for Step1 on CUDA, and "
+        "on CPU while the preallocated cache stays under 1 GiB (the tiny checkpoints); off: the "
+        "per-request loop over the model's own forward; on: always.",
+    )
+    max_batch: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="transformers engine, fast path: replies decoded at once (KV-cache slots); "
+        "further requests wait for a free slot.",
+    )
+    max_len: int = Field(
+        8192,
+        ge=16,
+        description="transformers engine, fast path: tokens (prompt + reply) per KV-cache slot; "
+        "the context window is the smaller of this and max_model_len. GPU memory: max_batch x "
+        "max_len x 32 KiB for TTS-3B (4 GiB at 16 x 8192).",
+    )
+    max_waiting: int = Field(
+        256,
+        ge=0,
+        description="transformers engine, fast path: requests that may wait for a free slot; one "
+        "more is refused at once with an error.",
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(
@@ -181,15 +208,139 @@ class LLMConfig(_Section):
         return max(1, max_model_len - self.max_new_tokens)
 
 
+class TTSConfig(_Section):
+    """Step-Audio-TTS-3B and its vocoders (flow matching + HiFT)."""
+
+    engine: Literal["transformers", "openai"] = Field(
+        "transformers",
+        description="Where TTS-3B runs: transformers in this process on `device`; openai: a "
+        "remote `vllm serve` of Step-Audio-TTS-3B (`stepaudio vllm-command --tts`). The flow and "
+        "HiFT always run in this process on `device`.",
+    )
+    device: str = Field("cpu", description="Torch device of TTS-3B (in process), flow and HiFT.")
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="In-process TTS-3B weight dtype; auto: float32 on CPU, bfloat16 on GPU."
+    )
+    base_url: str = Field(
+        "http://127.0.0.1:8001/v1", description="openai engine: the TTS server's OpenAI API root."
+    )
+    served_model_name: str = Field(
+        "step-audio-tts-3b", description="openai engine: vllm --served-model-name of TTS-3B."
+    )
+    api_key_env: str | None = Field(
+        None, description="openai engine: environment variable holding the TTS server's API key."
+    )
+    speakers_dir: Path | None = Field(
+        None,
+        description="Folder of `{id}_prompt.wav` + speakers_info.json; none: the model root's "
+        "speakers/, else the packaged Tingting.",
+    )
+
+
+class SessionDefaults(_Section):
+    """What a new session starts with; every client may change it with `session.update`."""
+
+    instructions: str | None = Field(
+        None, description="System prompt of the chat model; none: the reference demo's prompt."
+    )
+    voice: str = Field("Tingting", description="Step-Audio speaker id.")
+    silence_duration_ms: int = Field(
+        750, ge=100, le=10000, description="Silence that ends the user's turn."
+    )
+    pause_ms: int = Field(
+        250, ge=50, le=5000, description="Silence that starts a speculative reply."
+    )
+    prefix_padding_ms: int = Field(
+        300, ge=0, le=5000, description="Audio before the detected speech start kept in the turn."
+    )
+    min_barge_in_ms: int = Field(
+        300, ge=0, le=5000, description="User speech this long interrupts the bot."
+    )
+    vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability.")
+    speculative: bool = Field(True, description="Speculative replies at short pauses.")
+    transcription: bool = Field(
+        True, description="Send user-turn transcription events (the history is text either way)."
+    )
+    max_output_tokens: int | None = Field(
+        None, ge=1, le=4096,
+        description="Longest reply in tokens unless the client says otherwise "
+        "(`max_output_tokens`); none: no limit below llm.max_new_tokens.",
+    )
+    max_transcript_tokens: int = Field(
+        256, ge=1, description="Longest background transcription of one user turn, in tokens."
+    )
+
+
 class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(8700, ge=1, le=65535, description="TCP port.")
+    port: int = Field(8700, ge=0, le=65535, description="TCP port (0: any free port).")
+    api_key_env: str | None = Field(
+        "STEPAUDIO_API_KEY",
+        description="Environment variable holding the API key clients must present (Authorization: "
+        "Bearer KEY, or the `openai-insecure-api-key.KEY` subprotocol browsers use). Unset or "
+        "empty: no key is asked. The key itself never goes in YAML.",
+    )
+    max_sessions: int = Field(
+        256, ge=1, description="Connections beyond this are closed with 1013 (try again later)."
+    )
+    max_event_bytes: int = Field(
+        21 * 1024 * 1024,
+        ge=1024,
+        description="Largest client message answered with an `error` (OpenAI allows 15 MiB of "
+        "audio per append); a message over twice this closes the connection (1009).",
+    )
+    max_send_queue_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Server events queued for a client that does not read; past this the "
+        "connection is closed (1008), so a stalled client cannot grow the server's memory.",
+    )
+    max_input_backlog_ms: int = Field(
+        2000,
+        ge=200,
+        description="Received audio not yet analysed (VAD, tokenizer); past this the server stops "
+        "reading that socket until it catches up (audio sent faster than real time).",
+    )
+    stall_grace_ms: int = Field(
+        150,
+        ge=20,
+        description="When a client stops sending audio for longer than this, the turn clock runs "
+        "on wall time (a client that goes quiet still gets an end of turn).",
+    )
+    tick_ms: int = Field(
+        20, ge=1, le=200, description="Wall-clock tick of the VAD pump and turn timers."
+    )
+    tokenizer_threads: int = Field(
+        2, ge=1, le=64, description="Threads feeding the streaming audio tokenizer."
+    )
+    warmup: bool = Field(
+        True, description="Run a real short turn through every stage before /readyz says ready."
+    )
+    shutdown_grace_s: float = Field(
+        2.0, ge=0, description="On SIGTERM: time to finish sending before sockets close (1001)."
+    )
+    instrument: Literal["none", "zero-cost stages"] = Field(
+        "none",
+        description="Benchmark instrument, never for users: `zero-cost stages` replaces the "
+        "tokenizer, chat model and TTS by stand-ins that cost nothing (the VAD stays real), so a "
+        "load test measures the server's own overhead.",
+    )
+    instrument_latency_ms: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="With `zero-cost stages`: the chat stand-in's first text arrives after this "
+        "long, like a remote model of fixed latency that costs no CPU here (measures how much of "
+        "a model's latency speculation hides).",
+    )
 
 
 class Config(_Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    tts: TTSConfig = Field(default_factory=TTSConfig)
+    session: SessionDefaults = Field(default_factory=SessionDefaults)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
 

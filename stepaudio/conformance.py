@@ -145,9 +145,10 @@ def step1_suite(golden: Path) -> Iterator[Case]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .llm import compat
+    from .llm import compat, register_step1
     from .llm.alibi import alibi_slopes
 
+    register_step1()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, **{compat.DTYPE_KWARG: torch.float32}
     ).eval()

@@ -43,17 +43,29 @@ def chat_dir(tiny_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(chat_dir: Path):
-    eng = TransformersEngine.from_pretrained(chat_dir)
+def base(chat_dir: Path):
+    eng = TransformersEngine.from_pretrained(chat_dir, fast_decode="off")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module", params=["per-request", "fast"])
+def engine(request, base: TransformersEngine):
+    """Both decode paths: the batched fast path (GPU serving, auto on CPU for tiny models) and
+    the per-request one (``fast_decode: off``); every generation test runs on each."""
+    if request.param == "per-request":
+        yield base
+        return
+    eng = TransformersEngine(base.model, base.tokenizer, fast_decode="on", max_len=1024)
     yield eng
     eng.close()
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(engine: TransformersEngine) -> list[int]:
+def prompt_ids(base: TransformersEngine) -> list[int]:
     audio = [65536 + 7, 65536 + 1024 + 300] * 15
     text = build_chat_prompt(audio, [("user", "hi"), ("assistant", "hello there")], system="brief")
-    return engine.tokenizer.encode(text)
+    return base.tokenizer.encode(text)
 
 
 def _only(token: int):
@@ -71,8 +83,8 @@ def _only(token: int):
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_incremental_detokenizer_equals_full_decode_and_keeps_word_spaces(engine, text):
-    tok = engine.tokenizer
+def test_incremental_detokenizer_equals_full_decode_and_keeps_word_spaces(base, text):
+    tok = base.tokenizer
     ids = tok.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tok)
     parts = [detok.add(i) for i in ids] + [detok.flush()]
@@ -84,8 +96,8 @@ def test_incremental_detokenizer_equals_full_decode_and_keeps_word_spaces(engine
 
 
 @pytest.mark.parametrize("text", ["你好，世界", "😀🎉", "naïve café"])
-def test_incremental_detokenizer_never_emits_half_a_character(engine, text):
-    tok = engine.tokenizer
+def test_incremental_detokenizer_never_emits_half_a_character(base, text):
+    tok = base.tokenizer
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) > len(text)  # byte-fallback pieces: several ids per character
     detok = IncrementalDetokenizer(tok)
@@ -172,7 +184,8 @@ async def test_greedy_decode_with_cache_equals_full_recompute_and_any_prefill_ch
 ):
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     _, cached = await engine.generate(prompt_ids, params).collect()
-    chunked = TransformersEngine(engine.model, engine.tokenizer, prefill_chunk=7)
+    mode = "on" if engine.fast_path else "off"
+    chunked = TransformersEngine(engine.model, engine.tokenizer, prefill_chunk=7, fast_decode=mode)
     try:
         _, chunked_ids = await chunked.generate(prompt_ids, params).collect()
     finally:
@@ -207,7 +220,7 @@ async def test_generation_never_blocks_the_event_loop(engine, prompt_ids):
     stop = asyncio.Event()
     task = asyncio.create_task(ticker(stop))
     started = time.perf_counter()
-    await engine.generate(prompt_ids, SamplingParams(max_new_tokens=150, seed=0)).collect()
+    await engine.generate(prompt_ids, SamplingParams(max_new_tokens=400, seed=0)).collect()
     elapsed = time.perf_counter() - started
     stop.set()
     await task
@@ -239,14 +252,15 @@ async def test_cancel_stops_before_the_next_forward(engine, prompt_ids, monkeypa
 
 async def test_aclose_mid_stream_stops_the_worker_for_good(engine, prompt_ids, monkeypatch):
     calls = {"n": 0}
-    original = engine.model.forward
+    owner, method = (engine.decoder, "decode") if engine.fast_path else (engine.model, "forward")
+    original = getattr(owner, method)
 
     def slow_forward(*args, **kwargs):
         calls["n"] += 1
         time.sleep(0.02)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", slow_forward)
+    monkeypatch.setattr(owner, method, slow_forward)
     gen = engine.generate(prompt_ids, SamplingParams(max_new_tokens=200, seed=0))
     got = 0
     async for delta in gen:
@@ -302,7 +316,9 @@ async def test_prompt_over_the_window_or_empty_is_refused_at_once(engine):
 
 
 async def test_reply_stops_at_the_context_window(engine, prompt_ids):
-    small = TransformersEngine(engine.model, engine.tokenizer, max_model_len=len(prompt_ids) + 4)
+    mode = "on" if engine.fast_path else "off"
+    small = TransformersEngine(engine.model, engine.tokenizer, max_model_len=len(prompt_ids) + 4,
+                               fast_decode=mode)
     try:
         gen = small.generate(prompt_ids, SamplingParams(max_new_tokens=50, seed=0))
         _, ids = await gen.collect()
@@ -317,6 +333,7 @@ async def test_make_engine_builds_the_configured_transformers_engine(chat_dir, p
     eng = make_engine(LLMConfig(max_new_tokens=4, seed=9, prefill_chunk_tokens=64), chat_dir)
     try:
         assert eng.name == "transformers" and eng.prefill_chunk == 64
+        assert eng.fast_path  # auto: the tiny checkpoint's static cache is small
         gen = eng.generate(prompt_ids)  # the config's sampling defaults
         _, ids = await gen.collect()
         assert len(ids) == 4

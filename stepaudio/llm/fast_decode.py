@@ -19,7 +19,8 @@ is not a weight read must therefore disappear:
   batch bucket that fits runs the listed slots; padding rows point at a scratch slot.
 
 On CPU (tests) or without Triton the same static-cache code runs eagerly with plain torch ops
-(attention through SDPA over the whole cache row with a masked bias), so the path the server uses
+(attention through SDPA with a masked bias, over the whole cache row in a graph and only up to the
+longest listed row when eager, where shapes need not be static), so the path the server uses
 on a GPU is the path the CPU tests check. Prefill runs the model's own forward, with a cache
 adapter that writes into the slot, so prompt processing is exactly the model's.
 """
@@ -434,6 +435,8 @@ class Step1FastDecoder:
                 slots=torch.full((size,), self.scratch, dtype=torch.int64, device=self.device),
             )
         self._pool: Any | None = None
+        #: Keys the torch attention reads in an eager step (None: the whole cache row).
+        self._span: int | None = None
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -578,7 +581,14 @@ class Step1FastDecoder:
             bucket.graph.replay()
             logits = bucket.logits
         else:
-            logits = self._forward(bucket.ids, bucket.slots)
+            # Eager: no static shapes needed, so run the listed rows only and let attention read
+            # only as far as the longest of them (on CPU a full cache row costs more than the
+            # whole rest of a tiny model's step).
+            self._span = max(self._lengths[s] for s in slots) + 1
+            try:
+                logits = self._forward(bucket.ids[:rows], bucket.slots[:rows])
+            finally:
+                self._span = None
         for slot in slots:
             self._lengths[slot] += 1
         return logits[:rows]
@@ -699,16 +709,18 @@ class Step1FastDecoder:
     def _attend_torch(
         self, layer: int, qkv: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor
     ) -> torch.Tensor:
-        """Reference-shaped attention over each row's whole cache row, future keys masked."""
+        """Reference-shaped attention over each row's cache row (up to ``_span``), future keys
+        masked."""
         rows = qkv.shape[0]
         heads, groups, dim = self.num_heads, self.num_groups, self.head_dim
+        span = self._span or self.max_len
         q, k, v = qkv.split([heads * dim, groups * dim, groups * dim], dim=-1)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[slots, :, pos] = k.reshape(rows, groups, dim)
         vc[slots, :, pos] = v.reshape(rows, groups, dim)
-        keys = kc.index_select(0, slots)
-        values = vc.index_select(0, slots)
-        distance = pos[:, None] - self.key_index[None, :]
+        keys = kc[:, :, :span].index_select(0, slots)
+        values = vc[:, :, :span].index_select(0, slots)
+        distance = pos[:, None] - self.key_index[None, :span]
         # Same float32 arithmetic as sqrt_alibi_bias: slope * -sqrt(d), -inf in the future.
         bias = self.slopes[None, :, None] * self.neg_sqrt[distance.clamp(min=0)][:, None, :]
         bias = bias.masked_fill((distance < 0)[:, None, :], float("-inf")).to(qkv.dtype)
@@ -716,7 +728,7 @@ class Step1FastDecoder:
             q.reshape(rows, groups, self.rep, dim),
             keys,
             values,
-            attn_mask=bias.reshape(rows, groups, self.rep, self.max_len),
+            attn_mask=bias.reshape(rows, groups, self.rep, span),
             scale=self.scale,
         )
         return out.reshape(rows, heads * dim)

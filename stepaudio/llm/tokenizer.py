@@ -32,6 +32,11 @@ def load_text_tokenizer(
     """
     if add_bos_token is not None:
         kwargs["add_bos_token"] = add_bos_token
+    # The folder's config.json names model_type step1 with an auto_map to remote code: unless
+    # Step1 is registered, AutoTokenizer stops to ask whether to run that code.
+    from stepaudio.llm import register_step1
+
+    register_step1()
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), **kwargs)
     except (OSError, ValueError) as exc:
