@@ -157,11 +157,19 @@ class SourceModuleHnNSF(nn.Module):
         self.voiced_threshold = voiced_threshod
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
-    def sine_waves(self, f0: torch.Tensor, draws: SourceDraws) -> torch.Tensor:
-        """f0 (B, 1, L) at the audio rate → (B, H+1, L), the reference's `SineGen` (float32 cumsum)."""
+    def sine_waves(self, f0: torch.Tensor, draws: SourceDraws,
+                   phase0: torch.Tensor | None = None) -> torch.Tensor:
+        """f0 (B, 1, L) at the audio rate → (B, H+1, L), the reference's `SineGen` (float32 cumsum).
+
+        `phase0` (B, H+1, 1), in cycles, is added before the wrap: a streaming window that starts
+        mid-utterance continues each harmonic's phase instead of restarting it at 0 (a click).
+        """
         k = torch.arange(1, self.harmonic_num + 2, device=f0.device, dtype=f0.dtype).view(1, -1, 1)
         f_mat = f0 * k / self.sampling_rate
-        theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
+        cycles = torch.cumsum(f_mat, dim=-1)
+        if phase0 is not None:
+            cycles = cycles + phase0.to(f0.device, f0.dtype)
+        theta = 2 * np.pi * (cycles % 1)
         phase = draws.phase.to(f0.device, f0.dtype).clone()
         phase[:, 0, :] = 0
         sines = self.sine_amp * torch.sin(theta + phase)
@@ -169,9 +177,10 @@ class SourceModuleHnNSF(nn.Module):
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
         return sines * uv + noise_amp * draws.noise.to(f0.device, f0.dtype)
 
-    def forward(self, f0: torch.Tensor, draws: SourceDraws) -> torch.Tensor:
+    def forward(self, f0: torch.Tensor, draws: SourceDraws,
+                phase0: torch.Tensor | None = None) -> torch.Tensor:
         """f0 (B, 1, L) → excitation (B, 1, L)."""
-        sines = self.sine_waves(f0, draws).transpose(1, 2)
+        sines = self.sine_waves(f0, draws, phase0).transpose(1, 2)
         return torch.tanh(self.l_linear(sines)).transpose(1, 2)
 
 
@@ -247,12 +256,16 @@ class HiFTGenerator(nn.Module):
 
     @torch.inference_mode()
     def source(self, f0: torch.Tensor, draws: SourceDraws | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """F0 (B, T) → excitation (B, 1, T·hop); the F0 is repeated per sample (nearest)."""
+               generator: torch.Generator | None = None,
+               phase0: torch.Tensor | None = None) -> torch.Tensor:
+        """F0 (B, T) → excitation (B, 1, T·hop); the F0 is repeated per sample (nearest).
+
+        `phase0`: per-harmonic starting phase in cycles (see `SourceModuleHnNSF.sine_waves`).
+        """
         f0_up = F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale), mode="nearest")
         if draws is None:
             draws = SourceDraws.sample(f0.shape[0], self.harmonics, f0_up.shape[-1], generator, f0.device)
-        return self.m_source(f0_up, draws)
+        return self.m_source(f0_up, draws, phase0)
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:
         spec = torch.stft(x, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window.to(x.device),

@@ -1,0 +1,241 @@
+"""CUDA graphs for the flow's 10 Euler steps and for HiFT, one per window length.
+
+Why: the flow estimator at CosyVoice-300M sizes launches a few thousand small kernels per call
+(16 ResNet stages and 64 transformer blocks, twice for guidance, ten times); eagerly, a call costs
+hundreds of milliseconds whatever the length, so a short streaming chunk would cost as much as a
+long one. Captured once per input length and replayed, a call costs what its arithmetic costs.
+
+Streaming windows have a few fixed lengths (:meth:`StreamOptions.window_lengths`), so only those
+are captured, ahead of time by :meth:`GraphedSolver.warm`, and replayed; any other length (a short
+utterance's single window) runs eagerly rather than paying a capture on the request path. Each
+graph keeps its own memory pool and static input/output buffers; replays are never concurrent
+(one model thread), and outputs are copied out before the next replay.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+
+
+class _GraphCache:
+    """Captured graphs keyed by an input length; an LRU bounded by ``max_graphs``."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 16, warmup: int = 2,
+                 capture_any: bool = False) -> None:
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.capture_any = capture_any
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.allowed: set[tuple] = set()
+        self.failed: set[tuple] = set()
+        self.replays = 0
+        self.eager_calls = 0
+
+    def run(self, key: tuple, *inputs: torch.Tensor) -> torch.Tensor:
+        g = self.graphs.get(key)
+        if g is None and (self.capture_any or key in self.allowed) and key not in self.failed:
+            g = self.capture(key, inputs)
+        if g is None:
+            self.eager_calls += 1
+            return self.fn(*inputs)
+        self.graphs.move_to_end(key)
+        for static, x in zip(g.inputs, inputs, strict=True):
+            static.copy_(x)
+        g.graph.replay()
+        self.replays += 1
+        return g.output
+
+    def capture(self, key: tuple, inputs: Iterable[torch.Tensor]) -> _Graph | None:
+        statics = tuple(x.detach().clone() for x in inputs)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*statics)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: TTS-3B may be decoding on this device from another thread meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self.fn(*statics)
+        except Exception as err:  # capture is an optimisation: fall back to eager, say so once
+            log.warning("cuda graph capture failed for %s (%s); running eagerly", key, err)
+            self.failed.add(key)
+            return None
+        g = _Graph(graph, statics, out)
+        self.graphs[key] = g
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return g
+
+
+class GraphedEncoder:
+    """The flow's token encoder (embedding, conformer, projection) replayed per token count.
+
+    Token counts of streaming windows vary by a token or two, and a capture costs about three
+    eager runs of this small part, so any count is captured on first use (LRU-bounded).
+    """
+
+    def __init__(self, flow: torch.nn.Module, max_graphs: int = 32) -> None:
+        self.flow = flow
+        dev = flow.encoder_proj.weight.device
+        for mod in flow.encoder.modules():  # relative-position tables: keep them on the device
+            pe = getattr(mod, "_pe", None)
+            if isinstance(pe, torch.Tensor) and pe.device != dev:
+                mod._pe = pe.to(dev)
+
+        @torch.inference_mode()
+        def encode(ids: torch.Tensor) -> torch.Tensor:
+            return flow.encoder_proj(flow.encoder(flow.input_embedding(torch.clamp(ids, min=0))))
+
+        self.cache = _GraphCache(encode, max_graphs, capture_any=True)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.device.type != "cuda":
+            return self.cache.fn(ids)
+        return self.cache.run((int(ids.shape[-1]),), ids)
+
+
+class GraphedSolver:
+    """Drop-in ``Solver`` for :class:`StreamingToken2Wav`: (mu, mask, spks, cond, noise) → mel."""
+
+    def __init__(self, flow: torch.nn.Module, n_timesteps: int = 10, max_graphs: int = 16,
+                 fast: bool = True, fused_norm: bool = True, compile: bool = False) -> None:
+        """``fast``: the fewer-kernel estimator (:mod:`estimator_fast`; windows are unpadded, so
+        their mask is all ones), ``fused_norm`` with its add+LayerNorm kernel; ``compile``:
+        also ``torch.compile`` it (slow to compile: not used by default)."""
+        from stepaudio.tts.estimator_fast import FastEstimator, solve_full_mask
+
+        self.flow = flow
+        self.n_timesteps = n_timesteps
+        cfm = flow.decoder
+        estimator: torch.nn.Module = (FastEstimator(cfm.estimator, fused_norm) if fast
+                                      else cfm.estimator)
+        if compile:
+            estimator = torch.compile(estimator, dynamic=True)
+
+        @torch.inference_mode()
+        def eager(mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+            return cfm(mu, mask, n_timesteps, 1.0, spks=spks, cond=cond, noise=noise)
+
+        @torch.inference_mode()
+        def solve(mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+            if not (fast or compile):
+                return eager(mu, mask, spks, cond, noise)
+            return solve_full_mask(cfm, estimator, mu, mask, n_timesteps, spks, cond, noise)
+
+        self.eager = eager
+        self.cache = _GraphCache(solve, max_graphs)
+
+    def allow(self, total_lengths: Iterable[int]) -> None:
+        """Lengths (prompt frames + window frames) worth a graph."""
+        self.cache.allowed.update((int(n),) for n in total_lengths)
+
+    @torch.inference_mode()
+    def warm(self, prompt_frames: int, window_lengths: Iterable[int]) -> None:
+        """Capture the graphs of one speaker's standard windows now, off the request path."""
+        flow = self.flow
+        dev, dtype = flow.encoder_proj.weight.device, flow.dtype
+        lengths = [prompt_frames + int(w) for w in window_lengths]
+        self.allow(lengths)
+        for n in lengths:
+            if (n,) in self.cache.graphs:
+                continue
+            c = flow.output_size
+            mu = torch.randn(1, c, n, device=dev, dtype=dtype)
+            args = (mu, torch.ones(1, 1, n, device=dev, dtype=dtype),
+                    torch.randn(1, c, device=dev, dtype=dtype), torch.randn_like(mu),
+                    torch.randn_like(mu))
+            self(*args)
+
+    def __call__(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                 cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if mu.device.type != "cuda":
+            return self.eager(mu, mask, spks, cond, noise)
+        return self.cache.run((int(mu.shape[-1]),), mu, mask, spks, cond, noise)
+
+
+def overlap_add_istft(spec: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """``torch.istft(spec, n_fft, hop, n_fft, window, center=True)`` without its host-side check.
+
+    torch.istft verifies the window envelope with a device-to-host read, which a CUDA graph
+    capture forbids; HiFT's periodic Hann at 75 % overlap always passes it, so the check is
+    skipped and the same arithmetic (inverse rFFT, window, overlap-add, divide by the summed
+    squared window, trim n_fft // 2 each side) is done with capturable ops.
+    """
+    frames = torch.fft.irfft(spec, n=n_fft, dim=1) * window.view(1, -1, 1)
+    n = frames.shape[-1]
+    length = n_fft + hop * (n - 1)
+    fold = torch.nn.functional.fold
+    y = fold(frames, (1, length), (1, n_fft), stride=(1, hop)).reshape(frames.shape[0], length)
+    env = fold((window * window).view(1, -1, 1).expand(1, n_fft, n), (1, length), (1, n_fft),
+               stride=(1, hop)).reshape(length)
+    half = n_fft // 2
+    return (y / env)[:, half: length - half]
+
+
+def _capturable_decode(hift: torch.nn.Module, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """HiFT's decode with :func:`overlap_add_istft` in place of torch.istft."""
+
+    def istft(magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        magnitude = torch.clip(magnitude, max=1e2)
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return overlap_add_istft(spec, hift.n_fft, hift.hop_len,
+                                 hift.stft_window.to(magnitude.device))
+
+    hift._istft = istft  # shadows the method for this call only
+    try:
+        return hift.decode(mel, source)
+    finally:
+        del hift._istft
+
+
+class GraphedDecode:
+    """HiFT's ``decode(mel, source)`` replayed per mel length (float32, as the reference runs it)."""
+
+    def __init__(self, hift: torch.nn.Module, max_graphs: int = 16) -> None:
+        self.hift = hift
+
+        @torch.inference_mode()
+        def decode(mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+            if mel.device.type != "cuda":
+                return hift.decode(mel, source)
+            return _capturable_decode(hift, mel, source)
+
+        self.cache = _GraphCache(decode, max_graphs)
+
+    def allow(self, lengths: Iterable[int]) -> None:
+        self.cache.allowed.update((int(n),) for n in lengths)
+
+    @torch.inference_mode()
+    def warm(self, lengths: Iterable[int]) -> None:
+        dev = next(self.hift.parameters()).device
+        spf = self.hift.samples_per_frame()
+        lengths = list(lengths)
+        self.allow(lengths)
+        for n in lengths:
+            if (int(n),) not in self.cache.graphs:
+                mels = self.hift.conv_pre.in_channels
+                self(torch.randn(1, mels, n, device=dev), 0.1 * torch.randn(1, 1, n * spf, device=dev))
+
+    def __call__(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        if mel.device.type != "cuda":
+            return self.cache.fn(mel, source)
+        return self.cache.run((int(mel.shape[-1]),), mel, source)

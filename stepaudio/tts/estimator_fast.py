@@ -1,0 +1,179 @@
+"""The flow estimator with fewer kernels, for streaming windows on a GPU.
+
+At CosyVoice-300M sizes and streaming lengths (a few hundred frames), one estimator call is
+~1300 small kernels and costs what their launches cost, not what their arithmetic costs, even
+replayed from a CUDA graph. This forward computes the same function as
+:class:`~stepaudio.tts.estimator.ConditionalDecoder` from the same parameters with fewer kernels,
+valid when the mask is all ones (always so for one streaming window, unpadded):
+
+- q, k and v come from one matrix product (weights concatenated once, a copy of 3·dim·inner
+  values per block) instead of three;
+- the mask multiplications (about six per ResNet block, all by 1) are left out;
+- on a GPU with Triton, each residual add and the LayerNorm after it are one kernel
+  (``add_layer_norm``: the sum rounded to the activations' dtype, then normalised in float32,
+  as the two separate kernels round).
+
+Everything else is the original modules' own forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepaudio.tts.estimator import BasicTransformerBlock, ConditionalDecoder, ResnetBlock1D
+from stepaudio.tts.flow import ConditionalCFM, cosine_t_span
+
+try:  # Triton ships with CUDA builds of torch; without it the add and the norm stay two kernels
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the installation
+    HAS_TRITON = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _add_ln_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, sum_ptr, out_ptr, n_cols, eps,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        off = row * n_cols + cols
+        a = tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s = (a + b).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + off, s, mask=mask)
+        x = s.to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + off, (d * rstd * w + bias).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layer_norm(a: torch.Tensor, b: torch.Tensor, norm: nn.LayerNorm
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a + b, LayerNorm(a + b)) over the last dimension, one kernel where Triton runs."""
+    if not (HAS_TRITON and a.is_cuda and a.is_contiguous() and b.is_contiguous()):
+        s = a + b
+        return s, norm(s)
+    n = a.shape[-1]
+    s = torch.empty_like(a)
+    out = torch.empty_like(a)
+    block = triton.next_power_of_2(n)
+    _add_ln_kernel[(a.numel() // n,)](a, b, norm.weight, norm.bias, s, out, n, norm.eps,
+                                      BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    return s, out
+
+
+class FastEstimator(nn.Module):
+    """``forward(x, mask, mu, t, spks, cond)`` like the estimator; ``mask`` must be all ones."""
+
+    def __init__(self, decoder: ConditionalDecoder, fused_norm: bool = True) -> None:
+        super().__init__()
+        self.dec = decoder
+        self.fused_norm = fused_norm
+        self._qkv: dict[int, torch.Tensor] = {}
+
+    def _fused_qkv(self, block: BasicTransformerBlock) -> torch.Tensor:
+        w = self._qkv.get(id(block))
+        a = block.attn1
+        if w is None or w.dtype != a.to_q.weight.dtype or w.device != a.to_q.weight.device:
+            w = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight], dim=0).detach()
+            self._qkv[id(block)] = w
+        return w
+
+    def _attend(self, block: BasicTransformerBlock, h: torch.Tensor) -> torch.Tensor:
+        a = block.attn1
+        b, n, _ = h.shape
+        inner = a.to_q.out_features
+        qkv = F.linear(h, self._fused_qkv(block))
+        q, k, v = qkv.view(b, n, 3, a.heads, inner // a.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return a.to_out[0](out.transpose(1, 2).reshape(b, n, inner).to(q.dtype))
+
+    def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm blocks, each residual add fused with the norm that reads its sum."""
+        x = x.transpose(1, 2).contiguous()
+        pending: torch.Tensor | None = None  # a residual branch not yet added to x
+        for block in blocks:
+            if pending is None:
+                h = block.norm1(x)
+            else:
+                x, h = self._add_norm(pending, x, block.norm1)
+            x, h = self._add_norm(self._attend(block, h), x, block.norm3)
+            pending = block.ff(h)
+        if pending is not None:
+            x = pending + x
+        return x.transpose(1, 2).contiguous()
+
+    def _add_norm(self, a: torch.Tensor, b: torch.Tensor, norm: nn.LayerNorm
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_norm:
+            return add_layer_norm(a, b, norm)
+        s = a + b
+        return s, norm(s)
+
+    @staticmethod
+    def _resnet(r: ResnetBlock1D, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = r.block1.block(x) + r.mlp(t).unsqueeze(-1)
+        return r.block2.block(h) + r.res_conv(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        d = self.dec
+        dtype = d.final_proj.weight.dtype
+        t = d.time_mlp(d.time_embeddings(t).to(t.dtype)).to(dtype)
+        parts = [x, mu]
+        if spks is not None:
+            parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if cond is not None:
+            parts.append(cond)
+        x = torch.cat(parts, dim=1).to(dtype)
+        hiddens = []
+        for resnet, transformers, downsample in d.down_blocks:
+            x = self._transformers(transformers, self._resnet(resnet, x, t))
+            hiddens.append(x)
+            x = downsample(x)
+        for resnet, transformers in d.mid_blocks:
+            x = self._transformers(transformers, self._resnet(resnet, x, t))
+        for resnet, transformers, upsample in d.up_blocks:
+            skip = hiddens.pop()
+            x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
+            x = upsample(self._transformers(transformers, self._resnet(resnet, x, t)))
+        return d.final_proj(d.final_block.block(x))
+
+
+_SHARED: weakref.WeakKeyDictionary[nn.Module, FastEstimator] = weakref.WeakKeyDictionary()
+
+
+def fast_estimator(decoder: ConditionalDecoder) -> FastEstimator:
+    """One :class:`FastEstimator` per estimator module (its fused q/k/v weights are kept)."""
+    fast = _SHARED.get(decoder)
+    if fast is None:
+        fast = _SHARED[decoder] = FastEstimator(decoder)
+    return fast
+
+
+class _CFMView:
+    """What ``ConditionalCFM.solve_euler`` reads of its owner, with another estimator."""
+
+    def __init__(self, cfm: ConditionalCFM, estimator: nn.Module) -> None:
+        self.inference_cfg_rate = cfm.inference_cfg_rate
+        self.estimator = estimator
+
+
+def solve_full_mask(cfm: ConditionalCFM, estimator: nn.Module, mu: torch.Tensor,
+                    mask: torch.Tensor, n_timesteps: int, spks: torch.Tensor,
+                    cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``cfm(mu, mask, n_timesteps, 1.0, spks, cond, noise)`` with ``estimator`` in its place
+    (the same Euler loop and guidance; temperature 1)."""
+    z = noise.to(device=mu.device, dtype=mu.dtype)
+    t_span = cosine_t_span(n_timesteps, mu.dtype, mu.device, cfm.t_scheduler)
+    return ConditionalCFM.solve_euler(_CFMView(cfm, estimator), z, t_span, mu, mask, spks, cond)  # type: ignore[arg-type]
