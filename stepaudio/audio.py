@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torch.nn.functional as F
 
 from .errors import AudioError
 
@@ -127,6 +125,7 @@ class StreamingResampler:
         self.n_out = 0
         if self.identity:
             return
+        import torch  # imported here: the codecs and file I/O of this module do not need torch
         from torchaudio.functional.functional import _get_sinc_resample_kernel
 
         gcd = math.gcd(self.orig_sr, self.new_sr)
@@ -143,6 +142,9 @@ class StreamingResampler:
         if nblocks <= 0:
             return np.zeros(0, dtype=np.float32), 0
         used = (nblocks - 1) * self.orig + self.klen
+        import torch
+        import torch.nn.functional as F
+
         x = torch.from_numpy(buf[:used])[None, None]
         with torch.no_grad():
             y = F.conv1d(x, self.kernel, stride=self.orig)  # (1, new, nblocks)
@@ -180,3 +182,70 @@ def resample(wav: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
         return np.asarray(wav, dtype=np.float32)
     rs = StreamingResampler(orig_sr, new_sr)
     return np.concatenate([rs.process(wav), rs.flush()])
+
+
+# ---------------------------------------------------------------------------------------------------
+# G.711 (telephony) codecs: μ-law and A-law, 8-bit codes for 8 kHz PCM.
+
+
+def _ulaw_encode_table() -> np.ndarray:
+    # Sun Microsystems' g711.c (what CPython's audioop implemented), vectorised over all int16.
+    x = np.arange(-32768, 32768, dtype=np.int32) >> 2
+    mask = np.where(x < 0, 0x7F, 0xFF)
+    mag = np.minimum(np.abs(x), 8159) + 33
+    seg = np.searchsorted(np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]), mag)
+    code = (seg << 4) | ((mag >> (seg + 1)) & 0xF)
+    code = np.where(seg >= 8, 0x7F, code)
+    return (code ^ mask).astype(np.uint8)
+
+
+def _ulaw_decode_table() -> np.ndarray:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
+
+
+def _alaw_encode_table() -> np.ndarray:
+    x = np.arange(-32768, 32768, dtype=np.int32) >> 3
+    mask = np.where(x >= 0, 0xD5, 0x55)
+    mag = np.where(x >= 0, x, -x - 1)
+    seg = np.searchsorted(np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF]), mag)
+    low = np.where(seg < 2, (mag >> 1) & 0xF, (mag >> np.maximum(seg, 1)) & 0xF)
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | low)
+    return (code ^ mask).astype(np.uint8)
+
+
+def _alaw_decode_table() -> np.ndarray:
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    seg = (a & 0x70) >> 4
+    t = (a & 0x0F) << 4
+    t = np.where(seg == 0, t + 8, t + 0x108)
+    t = np.where(seg > 1, t << np.maximum(seg - 1, 0), t)
+    return np.where(a & 0x80, t, -t).astype(np.int16)
+
+
+_ULAW_ENC, _ULAW_DEC = _ulaw_encode_table(), _ulaw_decode_table()
+_ALAW_ENC, _ALAW_DEC = _alaw_encode_table(), _alaw_decode_table()
+
+
+def ulaw_encode(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples -> G.711 μ-law bytes (bit-exact with the old ``audioop.lin2ulaw``)."""
+    return _ULAW_ENC[np.asarray(pcm, dtype=np.int16).astype(np.int32) + 32768]
+
+
+def ulaw_decode(codes: np.ndarray | bytes) -> np.ndarray:
+    return _ULAW_DEC[np.frombuffer(codes, dtype=np.uint8) if isinstance(codes, bytes) else codes]
+
+
+def alaw_encode(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples -> G.711 A-law bytes (bit-exact with the old ``audioop.lin2alaw``)."""
+    return _ALAW_ENC[np.asarray(pcm, dtype=np.int16).astype(np.int32) + 32768]
+
+
+def alaw_decode(codes: np.ndarray | bytes) -> np.ndarray:
+    return _ALAW_DEC[np.frombuffer(codes, dtype=np.uint8) if isinstance(codes, bytes) else codes]
+
+
+def float_to_int16(samples: np.ndarray) -> np.ndarray:
+    x = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0
+    return np.rint(x).astype(np.int16)

@@ -107,11 +107,6 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    if args.output:
-        raise StepAudioError(
-            f"-o {args.output}: speech output arrives with the TTS stage; "
-            "`stepaudio chat` prints the reply text for now"
-        )
     import asyncio
     import time
 
@@ -166,6 +161,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         + (f", usage {usage.prompt_tokens}+{usage.completion_tokens}" if usage else ""),
         file=sys.stderr,
     )
+    if args.output:
+        from .pipeline import speak_to_wav
+
+        spoken = speak_to_wav(models, result.text, args.output, speaker=args.speaker,
+                              seed=args.seed, device=cfg.tokenizer.device)
+        print(f"reply speech: {spoken.path} ({spoken.seconds:.2f} s of audio at "
+              f"{spoken.sample_rate} Hz, synthesised in {spoken.wall_s:.2f} s)", file=sys.stderr)
     return 0
 
 
@@ -243,6 +245,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(cfg, root)
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from server.loadtest import main as load_main  # the load client lives with the server
+
+    return load_main(args)
+
+
 def cmd_tts(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -266,6 +274,61 @@ def cmd_tts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client(args: argparse.Namespace) -> int:
+    # The client package is imported only here: stepaudio/ never depends on client/ otherwise.
+    from client.cli import standalone
+
+    return standalone(args.client_args)
+
+
+def _client_argv(argv: list[str] | None) -> list[str] | None:
+    """``stepaudio client ...``: everything after the word belongs to the client's own parser
+    (argparse's REMAINDER would refuse options that come first)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return argv[1:] if argv[:1] == ["client"] else None
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from .systemd import install_service
+
+    written = install_service(
+        out=Path(args.out), user=args.user, config=Path(args.config) if args.config else None,
+        models=Path(args.models) if args.models else None,
+        vllm_bin=Path(args.vllm_bin) if args.vllm_bin else None, tp=args.tp,
+        cache=Path(args.cache), env_dir=Path(args.env_dir),
+    )
+    for path in written:
+        print(path)
+    names = " ".join(p.name for p in written)
+    print(
+        f"\nnext (as root): useradd --system --home-dir /var/lib/stepaudio --shell "
+        f"/usr/sbin/nologin {args.user}; install -m 0644 {' '.join(str(p) for p in written)} "
+        f"/etc/systemd/system/; systemctl daemon-reload; systemctl enable --now {names}\n"
+        f"secrets go in {args.env_dir}/stepaudio.env (STEPAUDIO_API_KEY=...), mode 0640",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_config_doc(args: argparse.Namespace) -> int:
+    from .configdoc import render
+
+    text = render()
+    if args.check:
+        current = Path(args.output).read_text(encoding="utf-8") if args.output and \
+            Path(args.output).is_file() else ""
+        if current != text:
+            print(f"{args.output}: out of date; run `stepaudio config-doc -o {args.output}`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stepaudio", description="Real-time speech dialogue server for the Step-Audio models."
@@ -277,6 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    s = bsub.add_parser("load", help="N simulated users talking to the server at once "
+                        "(latency, server overhead, event-loop lag)")
+    try:  # the load client lives with the server (not part of the model library)
+        from server.loadtest import add_arguments as _load_arguments
+    except ImportError:  # installed without server/: the command says so when run
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        _load_arguments(s)
+    s.set_defaults(func=cmd_bench_load)
 
     s = sub.add_parser("tiny", help="write tiny random-weight checkpoints in the real layouts")
     s.add_argument("dir", help="model root to create")
@@ -314,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-system", action="store_true", help="send no system prompt")
     s.add_argument("--max-new-tokens", type=int)
     s.add_argument("--seed", type=int)
-    s.add_argument("-o", "--output", help="reply speech wav (arrives with the TTS stage)")
+    s.add_argument("-o", "--output", help="also speak the reply (Step-Audio-TTS-3B) into this wav")
+    s.add_argument("--speaker", help="TTS speaker for -o (default Tingting)")
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("vllm-command", help="print the `vllm serve` command(s) for the checkpoints")
@@ -342,12 +418,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device (cpu, cuda:0)")
     s.add_argument("-o", "--output", required=True, help="output wav (22.05 kHz, 16-bit)")
     s.set_defaults(func=cmd_tts)
+
+    s = sub.add_parser("client", add_help=False, help="talk to a running server: sound files or "
+                       "the microphone in, replies to a file or the speaker (--help for more)")
+    s.add_argument("client_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_client)
+
+    s = sub.add_parser("install-service", help="write systemd units (stepaudio.service and the "
+                       "stepaudio-vllm*.service its config needs) for this install")
+    s.add_argument("--user", default="stepaudio", help="dedicated system user (default stepaudio)")
+    s.add_argument("--config", help="server YAML the service runs (default: the packaged "
+                   "tiny profile)")
+    s.add_argument("--models", help="model root for the vLLM units (default: models.root of a "
+                   "real-profile config; without one only stepaudio.service is written)")
+    s.add_argument("--out", default=".", help="folder to write the units to (default: here)")
+    s.add_argument("--vllm-bin", help="the `vllm` executable (default: next to this Python)")
+    s.add_argument("--tp", type=int, help="GPUs for the Chat (default llm.tensor_parallel_size)")
+    s.add_argument("--cache", default="/var/cache/stepaudio", help="writable cache folder")
+    s.add_argument("--env-dir", default="/etc/stepaudio", help="folder of the secrets files")
+    s.set_defaults(func=cmd_install_service)
+
+    s = sub.add_parser("config-doc", help="render the configuration reference (docs/config.md)")
+    s.add_argument("-o", "--output", help="write here instead of stdout")
+    s.add_argument("--check", action="store_true", help="exit 1 if --output is out of date")
+    s.set_defaults(func=cmd_config_doc)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     _set_threads()
-    args = build_parser().parse_args(argv)
+    client_argv = _client_argv(argv)
+    if client_argv is not None:
+        args = argparse.Namespace(func=cmd_client, client_args=client_argv)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except StepAudioError as err:

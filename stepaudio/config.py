@@ -319,6 +319,11 @@ class ServerConfig(_Section):
     shutdown_grace_s: float = Field(
         2.0, ge=0, description="On SIGTERM: time to finish sending before sockets close (1001)."
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto",
+        description="auto: uvloop when installed (`pip install uvloop`, a faster event loop), "
+        "else asyncio's own.",
+    )
     instrument: Literal["none", "zero-cost stages"] = Field(
         "none",
         description="Benchmark instrument, never for users: `zero-cost stages` replaces the "

@@ -200,6 +200,14 @@ class SpeechSegmenter:
     def now_ms(self) -> float:
         return self.frames * FRAME_MS
 
+    @property
+    def settled_ms(self) -> float:
+        """Audio before this point keeps its current speech/silence reading: a transition still
+        pending (a run of frames that may yet become a start or an end event) begins here. The
+        server feeds the tokenizer only up to it, so a turn's tokens end exactly where its speech
+        ended."""
+        return self._run_start * FRAME_MS if self._run else self.now_ms
+
     def feed(self, prob: float) -> VADEvent | None:
         p = self.params
         idx = self.frames

@@ -35,3 +35,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stepaudio.tiny import ensure_tiny_models
 
     return ensure_tiny_models(tmp_path_factory.mktemp("tiny") / "models")
+
+
+# The realtime server and its speech fixture, defined once here so that every server test module
+# shares one warmed-up server (a fixture imported into each module would be one per module).
+from realtime_helpers import server, speech  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""`stepaudio chat`: one spoken turn on the tiny checkpoints, answered in text, in seconds."""
+"""`stepaudio chat`: one spoken turn on the tiny checkpoints, answered in text (and speech), in seconds."""
 
 from __future__ import annotations
 
@@ -33,11 +33,15 @@ def test_chat_reply_is_reproducible_with_a_seed(tiny_root: Path, audio_dir, caps
     assert capsys.readouterr().out == first
 
 
-def test_chat_with_output_wav_says_speech_comes_with_the_tts_stage(tiny_root, audio_dir, capsys):
+def test_chat_with_output_wav_speaks_the_reply(tiny_root, audio_dir, tmp_path, capsys):
+    out = tmp_path / "reply.wav"
     rc = cli_main(["chat", "--models", str(tiny_root), str(audio_dir / "multilingual1.wav"),
-                   "-o", "reply.wav"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 1 and "TTS stage" in err and "\n" not in err
+                   "-o", str(out), "--max-new-tokens", "16", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    wav, sr = sf.read(out)
+    assert sr == 22050 and len(wav) > sr // 10 and np.abs(wav).max() > 0.01
+    assert "reply speech:" in err
 
 
 def test_chat_on_a_wav_too_short_for_any_audio_token_is_one_clear_line(

@@ -13,6 +13,8 @@ themselves pass `normalize=False`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..audio import StreamingResampler, check_sample_rate, to_mono_float32
 from ..errors import AudioError, StepAudioError
-from .interleave import Interleaver
+from .interleave import Interleaver, interleave_ids
 from .preprocess import SR
 
 if TYPE_CHECKING:
@@ -55,6 +57,38 @@ class AudioTokenStream:
     @property
     def vq06(self) -> list[int]:
         return self.inter.vq06
+
+    @property
+    def ids(self) -> list[int]:
+        """Interleaved LLM ids of every complete group so far."""
+        return interleave_ids(self.inter.vq02, self.inter.vq06)
+
+    def fork(self) -> AudioTokenStream:
+        """An independent copy of this stream's state (the shared models are not copied).
+
+        Finishing the fork gives the ids the utterance would have if it ended here, while this
+        stream goes on: the server's speculative reply reads exactly the ids the end of the turn
+        will produce, without closing the turn.
+        """
+        with self.lock:
+            if self.finished:
+                raise StepAudioError("audio stream already finished")
+            twin = copy.copy(self)
+            twin.lock = threading.Lock()
+            twin.resampler = copy.deepcopy(self.resampler)
+            twin.ling = dataclasses.replace(
+                self.ling,
+                frontend_cache=copy.deepcopy(self.ling.frontend_cache),
+                encoder_cache=copy.deepcopy(self.ling.encoder_cache),
+                pending=self.ling.pending.copy(),
+                lock=threading.Lock(),
+            )
+            twin.sem = dataclasses.replace(self.sem, audio=self.sem.audio.copy())
+            twin.inter = Interleaver()
+            twin.inter.vq02 = list(self.inter.vq02)
+            twin.inter.vq06 = list(self.inter.vq06)
+            twin.inter.groups = self.inter.groups
+            return twin
 
     def _scale(self, y: np.ndarray) -> np.ndarray:
         if not self.normalize or not len(y):

@@ -1,0 +1,331 @@
+"""The server process: WebSocket ``/v1/realtime`` plus a few plain HTTP routes, on ``websockets``.
+
+Routes (plain HTTP answers come from ``process_request``, before any WebSocket handshake):
+
+- ``/v1/realtime``: the OpenAI Realtime-compatible WebSocket (``docs/protocol.md``).
+- ``/``: the browser demo (``client/web/index.html``), or a page saying it is not built yet; other
+  files of ``client/web/`` are served by name.
+- ``/healthz``: 200 while the process runs. ``/readyz``: 200 only once every model is loaded and
+  warmed up (a real short turn went through every stage), 503 before.
+- ``/metrics``: Prometheus text.
+
+Start-up listens first (so ``/healthz`` and ``/readyz`` answer during loading), then loads and
+warms the models in a thread; WebSocket clients that come too early are closed with 1013 (try
+again later). SIGTERM/SIGINT stop accepting, cancel the replies in progress, let queued events
+out for ``shutdown_grace_s`` and close every socket with 1001.
+
+Close codes: 1001 server shutting down, 1008 the client does not read its events (send queue
+full), 1009 a message over twice the event size limit, 1011 internal error, 1013 not ready or
+full, 4001 missing or wrong API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hmac
+import logging
+import os
+import signal
+import sys
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from server.metrics import CONTENT_TYPE, LoopLagMonitor, Metrics
+from server.protocol import dialect_from_handshake
+from server.session import Session, SessionEnv, default_session_config
+from server.workers import Stages, load_stages, warmup_audio
+from stepaudio.config import Config
+from stepaudio.systemd import notify
+
+log = logging.getLogger("stepaudio.server")
+
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_TRY_LATER = 1013
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+WEB_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".wav": "audio/wav",
+}
+NOT_BUILT = """<!doctype html><meta charset="utf-8"><title>Step-Audio realtime server</title>
+<h1>Step-Audio realtime server</h1>
+<p>The server is running. The browser demo is not built yet (it will live in
+<code>client/web/</code>).</p>
+<p>Connect an OpenAI Realtime client to <code>ws://HOST:PORT/v1/realtime</code>;
+see <a href="/readyz">/readyz</a> and <a href="/metrics">/metrics</a>.</p>
+"""
+
+
+def web_dir() -> Path:
+    """Where the browser demo's files are (the ``client`` package's ``web/`` folder)."""
+    import client
+
+    return Path(client.__file__).resolve().parent / "web"
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store")])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _text(status: HTTPStatus, text: str) -> Response:
+    return _response(status, text.encode("utf-8"), "text/plain; charset=utf-8")
+
+
+class Server:
+    """One server instance (tests run several in one process, each with its own metrics)."""
+
+    def __init__(self, cfg: Config, models_root: Path | None, *, stages: Stages | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.root = Path(models_root) if models_root is not None else None
+        self.metrics = Metrics()
+        self.stages = stages
+        self._owns_stages = stages is None  # stages lent by another server are not unloaded
+        self.env: SessionEnv | None = None
+        self.ready = False
+        self.state = "starting"
+        self.sessions: set[Session] = set()
+        self.lag = LoopLagMonitor(self.metrics)
+        self._ws_server: Any = None
+        self.port = 0
+        self.warmup_ms: dict[str, float] = {}
+        key_env = cfg.server.api_key_env
+        self.api_key = os.environ.get(key_env, "") if key_env else ""
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen (HTTP routes answer from now on); call :meth:`load` to become ready."""
+        s = self.cfg.server
+        self._ws_server = await serve(
+            self._handler, s.host, s.port,
+            process_request=self._process_request,
+            select_subprotocol=self._select_subprotocol,
+            compression=None,  # base64 audio barely compresses; deflate would cost CPU per frame
+            max_size=2 * s.max_event_bytes,
+            max_queue=64,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=5,
+        )
+        self.port = self._ws_server.sockets[0].getsockname()[1]
+        self.lag.start()
+
+    async def load(self) -> None:
+        """Load every stage (in a thread), start the VAD pump, warm up; then ready."""
+        if self.stages is None:
+            self.state = "loading models"
+            assert self.root is not None
+            self.stages = await asyncio.to_thread(load_stages, self.cfg, self.root, self.metrics)
+        self.stages.pump.start()
+        self.env = SessionEnv(self.cfg, self.stages, self.metrics,
+                              default_session_config(self.cfg))
+        if self.cfg.server.warmup and not self.stages.warm:
+            self.state = "warming up"
+            wav, sr = warmup_audio()
+            self.warmup_ms = await self.stages.warmup(wav, sr, self.cfg.session.voice)
+            log.info("warm-up: %s", ", ".join(f"{k} {v:.0f} ms" for k, v in
+                                              self.warmup_ms.items()))
+        # The models are millions of long-lived objects: moving them out of the collector's
+        # reach keeps full collections (which stop the event loop) at a few milliseconds.
+        gc.collect()
+        gc.freeze()
+        self.ready = True
+        self.state = "ready"
+        self.metrics.ready.set(1)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, end the turns in progress, close every socket with 1001, unload."""
+        grace = self.cfg.server.shutdown_grace_s if grace_s is None else grace_s
+        self.ready = False
+        self.state = "shutting down"
+        self.metrics.ready.set(0)
+        if self._ws_server is not None:
+            self._ws_server.close(close_connections=False)
+        await asyncio.gather(*(s.shutdown(grace) for s in list(self.sessions)),
+                             return_exceptions=True)
+        if self._ws_server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ws_server.wait_closed(), grace + 5)
+        await self.lag.aclose()
+        if self.stages is not None and self._owns_stages:
+            await self.stages.aclose()
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/v1/realtime":
+            return None  # the WebSocket handshake goes on; readiness and auth are checked after
+        if path == "/healthz":
+            return _text(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.ready:
+                return _text(HTTPStatus.OK, "ready\n")
+            return _text(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {self.state}\n")
+        if path == "/metrics":
+            return _response(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE)
+        return self._static(path)
+
+    def _static(self, path: str) -> Response:
+        folder = web_dir()
+        name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
+        if name.startswith("web/"):
+            name = name[4:]
+        target = (folder / name).resolve() if name and ".." not in name else None
+        if target is not None and target.is_file() and folder.resolve() in target.parents \
+                and target.suffix in WEB_TYPES:
+            return _response(HTTPStatus.OK, target.read_bytes(), WEB_TYPES[target.suffix])
+        if name == "index.html":
+            return _response(HTTPStatus.OK, NOT_BUILT.encode(), WEB_TYPES[".html"])
+        return _text(HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
+
+    # -- WebSocket --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _offered(request: Request | None) -> list[str]:
+        if request is None:
+            return []
+        out: list[str] = []
+        for value in request.headers.get_all("Sec-WebSocket-Protocol"):
+            out += [p.strip() for p in value.split(",") if p.strip()]
+        return out
+
+    @staticmethod
+    def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> Any:
+        """Answer with one of the offered subprotocols: browsers fail the connection otherwise.
+        ``realtime`` is what OpenAI clients expect; never echo the one carrying the API key."""
+        offered = list(subprotocols)
+        for preferred in ("realtime", "openai-beta.realtime-v1"):
+            if preferred in offered:
+                return preferred
+        rest = [p for p in offered if not p.startswith(KEY_SUBPROTOCOL)]
+        return (rest or offered or [None])[0]
+
+    def _authorized(self, request: Request | None) -> bool:
+        if not self.api_key:
+            return True
+        if request is None:
+            return False
+        given: list[str] = []
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            given.append(auth[7:].strip())
+        given += [p[len(KEY_SUBPROTOCOL):] for p in self._offered(request)
+                  if p.startswith(KEY_SUBPROTOCOL)]
+        return any(hmac.compare_digest(g.encode(), self.api_key.encode()) for g in given)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        request = ws.request
+        if not self.ready or self.env is None:
+            await ws.close(CLOSE_TRY_LATER, f"not ready ({self.state}); try again in a moment")
+            return
+        if not self._authorized(request):
+            await ws.close(CLOSE_UNAUTHORIZED,
+                           "missing or wrong API key: send 'Authorization: Bearer KEY' or the "
+                           "subprotocol 'openai-insecure-api-key.KEY'")
+            return
+        if len(self.sessions) >= self.cfg.server.max_sessions:
+            await ws.close(CLOSE_TRY_LATER, f"server full ({self.cfg.server.max_sessions} "
+                           "sessions); try again later")
+            return
+        assert request is not None
+        query = dict(parse_qsl(urlsplit(request.path).query))
+        dialect = dialect_from_handshake(request.headers, self._offered(request), query)
+        session = Session(ws, self.env, dialect)
+        self.sessions.add(session)
+        self.metrics.sessions.inc()
+        self.metrics.sessions_active.inc()
+        try:
+            await session.run()
+        except Exception:
+            log.exception("session failed")
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "internal error")
+        finally:
+            self.sessions.discard(session)
+            self.metrics.sessions_active.dec()
+            code = session.outbox.close_code or ws.close_code or 1006
+            self.metrics.sessions_closed.labels(str(code)).inc()
+
+
+# --------------------------------------------------------------------------------------------------
+# The `stepaudio serve` entry point
+
+
+def _use_uvloop(choice: str) -> str:
+    """uvloop when asked for or installed (a faster event loop; the server works without it)."""
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise RuntimeError("server.event_loop: uvloop is not installed (pip install uvloop)"
+                               ) from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def _serve(cfg: Config, root: Path) -> int:
+    server = Server(cfg, root)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    host = cfg.server.host
+    print(f"stepaudio: listening on http://{host}:{server.port} (WebSocket "
+          f"ws://{host}:{server.port}/v1/realtime); loading models ({cfg.models.profile})...",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    loading = asyncio.create_task(server.load())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({loading, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if loading in done:
+        if loading.exception() is not None:
+            print(f"error: loading the models failed: {loading.exception()}", file=sys.stderr)
+            stop.set()
+            code = 1
+        else:
+            print(f"stepaudio: ready in {time.perf_counter() - t0:.1f} s "
+                  f"(profile: {server.stages.profile if server.stages else '?'})",
+                  file=sys.stderr, flush=True)
+            notify("READY=1")  # systemd Type=notify: ready exactly when /readyz turns 200
+        await stopper
+    else:
+        loading.cancel()
+    notify("STOPPING=1")
+    print("stepaudio: shutting down", file=sys.stderr, flush=True)
+    await server.stop()
+    return code
+
+
+def run_server(cfg: Config, models_root: Path) -> int:
+    """Serve until SIGTERM/SIGINT (what ``stepaudio serve`` calls); returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    loop = _use_uvloop(cfg.server.event_loop)
+    log.info("event loop: %s", loop)
+    return asyncio.run(_serve(cfg, Path(models_root)))

@@ -1,0 +1,148 @@
+"""What a session sends: a bounded queue drained by one writer task.
+
+Why a queue of our own instead of awaiting ``send`` where events are made: the session's handlers
+never wait on a slow client, and a barge-in can drop the reply audio that is still queued (the
+client must not hear it, and the playback accounting must not count it). Why bounded: a client that
+never reads would otherwise grow the server's memory without limit; past ``max_bytes`` the
+connection is closed with 1008 and a reason that says so.
+
+The writer reports every audio delta once it is handed to the socket (``on_sent``): that moment is
+when the playback model assumes the client starts playing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+CLOSE_SEND_QUEUE = 1008
+
+
+@dataclass
+class Outgoing:
+    wire: str
+    size: int
+    response: int | None = None  # the reply this belongs to (audio and its captions)
+    audio_ms: float = 0.0
+    droppable: bool = False  # reply media: dropped when the reply is interrupted
+    meta: Any = None
+
+
+class Outbox:
+    """Bounded FIFO of wire messages for one WebSocket."""
+
+    def __init__(self, ws: Any, max_bytes: int, on_sent: Callable[[Outgoing, float], None],
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.ws = ws
+        self.max_bytes = max_bytes
+        self.on_sent = on_sent
+        self.on_bytes = on_bytes
+        self.bytes = 0
+        self._q: deque[Outgoing] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.overflowed = False
+        self.close_code: int | None = None  # the code this side closed with
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox")
+
+    def _account(self, delta: int) -> None:
+        self.bytes += delta
+        if self.on_bytes is not None:
+            self.on_bytes(delta)
+
+    def put(self, msg: Outgoing) -> bool:
+        """Queue a message; False (and the connection closing) when the client is not reading."""
+        if self.closed:
+            return False
+        if self.bytes + msg.size > self.max_bytes:
+            self.overflow()
+            return False
+        self._q.append(msg)
+        self._account(msg.size)
+        self._wake.set()
+        return True
+
+    def purge(self, response: int) -> int:
+        """Drop the queued media of one reply (a barge-in); returns how many were dropped."""
+        keep: deque[Outgoing] = deque()
+        dropped = 0
+        for m in self._q:
+            if m.droppable and m.response == response:
+                dropped += 1
+                self._account(-m.size)
+            else:
+                keep.append(m)
+        self._q = keep
+        return dropped
+
+    def overflow(self) -> None:
+        if self.overflowed:
+            return
+        self.overflowed = True
+        log.warning("closing a session: its send queue is over %d bytes", self.max_bytes)
+        asyncio.get_running_loop().create_task(self.close(
+            CLOSE_SEND_QUEUE,
+            f"send queue over {self.max_bytes // 1024} KiB: the client is not reading"))
+
+    async def close(self, code: int, reason: str, timeout: float = 2.0) -> None:
+        """Close the socket now (queued messages are dropped); never waits on the client long."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self._account(-self.bytes)
+        self._q.clear()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason[:120]), timeout)
+        except (TimeoutError, ConnectionClosed, OSError):
+            transport = getattr(self.ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until everything queued has been written."""
+        end = time.perf_counter() + timeout
+        while self._q and not self.closed and time.perf_counter() < end:
+            await asyncio.sleep(0.01)
+
+    async def _run(self) -> None:
+        try:
+            while not self.closed:
+                if not self._q:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                msg = self._q.popleft()
+                self._account(-msg.size)
+                await self.ws.send(msg.wire)
+                if msg.response is not None:
+                    self.on_sent(msg, time.perf_counter())
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                self._account(-self.bytes)
+            self._q.clear()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
