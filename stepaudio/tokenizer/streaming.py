@@ -6,9 +6,10 @@ back interleaved ids the moment a 120 ms group is complete, so the controller ca
 speculative reply on the tokens so far. `finish()` flushes the tail (the end-of-turn lag).
 
 Energy normalisation needs the utterance's peak, which a live stream does not know yet: a stream
-scales by its running peak (never below the reference's 0.01 floor). Once the loudest part has been
-heard, codes equal the offline ones; before it, quiet openings can differ. Callers that normalise
-themselves pass `normalize=False`.
+scales each chunk by the running peak so far (never below the reference's 0.01 floor), so its
+ids depend on where the chunks fall and can differ from the offline ones until the loudest part has
+been heard (bench/RESULTS.md: 89-98 % equal for 2-20 s utterances). Callers that normalise
+themselves pass `normalize=False`, which makes the ids independent of the chunking.
 """
 
 from __future__ import annotations
