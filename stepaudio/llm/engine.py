@@ -15,6 +15,7 @@ Backends (imported lazily by :func:`make_engine`, so choosing one never imports 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -178,6 +179,51 @@ class Generation(AsyncIterator[Delta]):
             text.append(delta.text)
             ids.extend(delta.token_ids)
         return "".join(text), ids
+
+
+class StreamedGeneration(Generation):
+    """A generation whose deltas come from an async generator `_run()` (remote and vLLM engines).
+
+    Keeps the bookkeeping both share in one place: finish reason, usage and error are recorded as
+    deltas pass, cancelling the consuming task cancels the request, and the generator is closed
+    only when no other task is inside it.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._iter: AsyncIterator[Delta] = self._run()
+        self._cancelled = False
+        self._finished = False
+
+    def _run(self) -> AsyncIterator[Delta]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def _close_iter(self) -> None:
+        # A consumer blocked in __anext__ in another task finishes the generator itself (it sees
+        # the stopped backend and yields the cancelled delta); closing it here would be an error.
+        if not getattr(self._iter, "ag_running", False):
+            await self._iter.aclose()  # type: ignore[attr-defined]
+        self._finished = True
+
+    async def __anext__(self) -> Delta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            delta = await self._iter.__anext__()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except EngineError as exc:
+            self._finished = True
+            self.finish_reason, self.error = FinishReason.ERROR, exc
+            raise
+        except StopAsyncIteration:
+            self._finished = True
+            raise
+        if delta.finish_reason is not None:
+            self._finished = True
+            self.finish_reason, self.usage = delta.finish_reason, delta.usage
+        return delta
 
 
 @runtime_checkable

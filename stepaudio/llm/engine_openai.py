@@ -35,6 +35,7 @@ from stepaudio.llm.engine import (
     FinishReason,
     Generation,
     SamplingParams,
+    StreamedGeneration,
     Usage,
     check_prompt,
     new_request_id,
@@ -128,18 +129,15 @@ def _error_message(obj: dict[str, Any]) -> str | None:
     return None
 
 
-class _HTTPGeneration(Generation):
+class _HTTPGeneration(StreamedGeneration):
     def __init__(self, engine: OpenAIEngine, prompt: str | list[int], params: SamplingParams,
                  request_id: str) -> None:
-        self.request_id = request_id
         self._engine = engine
         self._prompt = prompt
         self._params = params
-        self._iter: AsyncIterator[Delta] = self._run()
-        self._cancelled = False
-        self._finished = False
         self._response: httpx.Response | None = None
         self._closing: asyncio.Task[None] | None = None
+        super().__init__(request_id)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -156,33 +154,7 @@ class _HTTPGeneration(Generation):
         self._cancelled = True
         if self._response is not None:
             await self._response.aclose()
-        # A consumer blocked in __anext__ in another task finishes the generator itself (it sees
-        # the closed stream and yields the cancelled delta); closing it here would be an error.
-        if not getattr(self._iter, "ag_running", False):
-            await self._iter.aclose()  # type: ignore[attr-defined]
-        self._finished = True
-
-    async def __anext__(self) -> Delta:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            delta = await self._iter.__anext__()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        except EngineError as exc:
-            self._finished = True
-            self.finish_reason = FinishReason.ERROR
-            self.error = exc
-            raise
-        except StopAsyncIteration:
-            self._finished = True
-            raise
-        if delta.finish_reason is not None:
-            self._finished = True
-            self.finish_reason = delta.finish_reason
-            self.usage = delta.usage
-        return delta
+        await self._close_iter()
 
     def _final(self, reason: FinishReason, usage: Usage) -> Delta:
         return Delta(finish_reason=reason, usage=usage)

@@ -22,6 +22,7 @@ from stepaudio.llm.engine import (
     FinishReason,
     Generation,
     SamplingParams,
+    StreamedGeneration,
     Usage,
     check_prompt,
     new_request_id,
@@ -46,16 +47,13 @@ def import_vllm() -> Any:
     return vllm
 
 
-class _VLLMGeneration(Generation):
+class _VLLMGeneration(StreamedGeneration):
     def __init__(self, engine: VLLMEngine, prompt: str | list[int], params: SamplingParams,
                  request_id: str) -> None:
-        self.request_id = request_id
         self._engine = engine
         self._prompt = prompt
         self._params = params
-        self._iter: AsyncIterator[Delta] = self._run()
-        self._finished = False
-        self._cancelled = False
+        super().__init__(request_id)
 
     def cancel(self) -> None:
         if self._cancelled:
@@ -69,29 +67,7 @@ class _VLLMGeneration(Generation):
     async def aclose(self) -> None:
         self._cancelled = True
         await self._engine.llm.abort(self.request_id)
-        if not getattr(self._iter, "ag_running", False):
-            await self._iter.aclose()  # type: ignore[attr-defined]
-        self._finished = True
-
-    async def __anext__(self) -> Delta:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            delta = await self._iter.__anext__()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        except EngineError as exc:
-            self._finished = True
-            self.finish_reason, self.error = FinishReason.ERROR, exc
-            raise
-        except StopAsyncIteration:
-            self._finished = True
-            raise
-        if delta.finish_reason is not None:
-            self._finished = True
-            self.finish_reason, self.usage = delta.finish_reason, delta.usage
-        return delta
+        await self._close_iter()
 
     async def _run(self) -> AsyncIterator[Delta]:
         vllm = self._engine.vllm
