@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,15 +40,28 @@ from stepaudio.errors import ModelError
 from stepaudio.tts.cosyvoice import CosyVoice
 from stepaudio.tts.hift import SourceDraws
 from stepaudio.tts.speakers import SpeakerFeatures
+from stepaudio.tts.vocoder_work import (
+    ChunkWork,
+    Decode,
+    Encode,
+    PredictF0,
+    Regulate,
+    Request,
+    Solve,
+    interpolate_to,
+    linear_interp_rows,
+    run_now,
+    run_one,
+)
 
 #: (mu, mask, spks, cond, noise) → mel (1, 80, T): the estimator's 10 Euler steps (eager or a
 #: captured CUDA graph).
 Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                   torch.Tensor]
 #: HiFT's decode (mel, source) → wav, eager or captured.
-Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: The flow's token encoder: ids (1, n) → (1, n, 80) projected features, eager or captured.
-Encode = Callable[[torch.Tensor], torch.Tensor]
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Token2WavModels(Protocol):
@@ -233,7 +246,7 @@ class StreamingToken2Wav:
 
     def __init__(self, model: Token2WavModels, speaker: SpeakerFeatures,
                  options: StreamOptions | None = None, seed: int = 0, solver: Solver | None = None,
-                 decode: Decode | None = None, encode: Encode | None = None) -> None:
+                 decode: DecodeFn | None = None, encode: EncodeFn | None = None) -> None:
         self.model = model
         self.flow = model.flow
         self.hift = model.hift
@@ -312,7 +325,14 @@ class StreamingToken2Wav:
 
     # -- computing -----------------------------------------------------------------------------
     def next_chunk(self) -> np.ndarray:
-        """Compute the next chunk; float32 PCM at the model's sample rate (may be empty)."""
+        """Compute the next chunk now, alone; float32 PCM at the model's sample rate (may be
+        empty)."""
+        return run_now(self.chunk_work(), self._run_alone)
+
+    def chunk_work(self) -> ChunkWork:
+        """The next chunk as model requests (see :mod:`stepaudio.tts.vocoder_work`): a scheduler
+        may run its requests together with other streams'. The stream's state moves on only
+        when the generator returns; drive one chunk at a time."""
         if not self.ready():
             raise ModelError("streaming token2wav: no chunk is ready")
         s, opt = self._s, self.opt
@@ -330,11 +350,10 @@ class StreamingToken2Wav:
             j0 = max(0, s.committed - opt.left_frames)
         whole = final and j0 == 0 and s.chunks == 0
         t0 = time.perf_counter()
-        mel, (a, c) = self._flow_window(j0, j1, whole)
-        self._sync()
+        mel, (a, c) = yield from self._flow_window(j0, j1, whole)
         t1 = time.perf_counter()
         final_mel = self._blend_mel(mel, j0, commit)
-        wav = self._vocode(final_mel, mel, j0, j1, commit, final)
+        wav = yield from self._vocode(final_mel, mel, j0, j1, commit, final)
         t2 = time.perf_counter()
         self.stats.append(ChunkStats(s.chunks, (s.committed, commit), (j0, j1), (a, c),
                                      (t1 - t0) * 1e3, (t2 - t1) * 1e3, final))
@@ -348,9 +367,18 @@ class StreamingToken2Wav:
         self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_left_frames) - 1))
         return wav
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _run_alone(self, request: Request) -> torch.Tensor:
+        """One request through this stream's own callables (eager, or captured graphs)."""
+        if isinstance(request, Encode):
+            return self._encode(request.ids[None])[0]
+        if isinstance(request, Solve):
+            mu = request.mu[None]
+            mask = torch.ones(1, 1, mu.shape[-1], device=mu.device, dtype=mu.dtype)
+            return self._solver(mu, mask, request.spks[None], request.cond[None],
+                                request.noise[None])[0]
+        if isinstance(request, Decode):
+            return self._decode(request.mel[None], request.source.view(1, 1, -1))[0]
+        return run_one(self.model, request, self.opt.n_timesteps)
 
     def _eager_solver(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
                       cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -366,49 +394,53 @@ class StreamingToken2Wav:
         flow = self.flow
         return flow.encoder_proj(flow.encoder(flow.input_embedding(torch.clamp(ids, min=0))))
 
-    @torch.inference_mode()
-    def _flow_window(self, j0: int, j1: int, whole: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Mel (80, j1 - j0) float32 for absolute frames [j0, j1), and the token range used."""
+    def _flow_window(self, j0: int, j1: int, whole: bool
+                     ) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, tuple[int, int]]]:
+        """Mel (80, j1 - j0) float32 on the CPU for absolute frames [j0, j1), and the token
+        range used. A whole-utterance window is built exactly as offline (``flow.conditions``).
+        No ``inference_mode`` block spans a ``yield``: the mode is per thread, and the requests
+        run wherever the driver runs them (every model call itself runs in inference mode)."""
         flow, dtype, dev = self.flow, self.dtype, self.device
         n_tok = len(self.tokens)
         if whole:
             a, c = 0, n_tok
-            tok = torch.tensor([self.tokens], dtype=torch.long, device=dev)
-            cnd = flow.conditions(tok, self._prompt_token, self._prompt_feat, self.speaker.embedding)
-            mu, mask, spks, cond = cnd.mu, cnd.mask, cnd.spks, cnd.cond
+            x = yield from self._offline_x(self.tokens, flow.mel_frames(n_tok))
         else:
             m = self.opt.token_margin
             a = max(0, int(math.floor(self._pos(j0))) - m)
             c = min(n_tok, int(math.floor(self._pos(j1 - 1))) + 2 + m)
-            mu = self._window_mu(a, c, j0, j1)
-            length = self.mel_len1 + (j1 - j0)
-            cond = torch.zeros(1, flow.output_size, length, device=dev, dtype=dtype)
-            cond[:, :, : self.mel_len1] = self._prompt_feat.transpose(1, 2).to(dtype)
-            mask = torch.ones(1, 1, length, device=dev, dtype=dtype)
-            spks = self._spks
-        noise = torch.cat([self.noise.prompt, self.noise.mel(j0, j1)], dim=1).unsqueeze(0)
-        feat = self._solver(mu, mask, spks, cond, noise.to(dev, dtype))
-        return feat[0, :, self.mel_len1:].float().cpu(), (a, c)
+            x = yield from self._window_x(a, c, j0, j1)
+        mu = yield Regulate(x)
+        length = mu.shape[-1]
+        cond = torch.zeros(flow.output_size, length, device=dev, dtype=dtype)
+        cond[:, : self.mel_len1] = self._prompt_feat[0].transpose(0, 1).to(dtype)
+        noise = torch.cat([self.noise.prompt, self.noise.mel(j0, j1)], dim=1)
+        feat = yield Solve(mu, cond, self._spks[0], noise.to(dev, dtype))
+        return feat[:, self.mel_len1:].float().cpu(), (a, c)
 
-    def _window_mu(self, a: int, c: int, j0: int, j1: int) -> torch.Tensor:
-        """The flow's encoder + length regulator for tokens [a, c), with the target part placed
-        on the global grid for frames [j0, j1): (1, 80, mel_len1 + j1 - j0)."""
-        flow, dev = self.flow, self.device
-        tok = torch.tensor([self.tokens[a:c]], dtype=torch.long, device=dev)
-        ids = torch.cat([self._prompt_token, tok], dim=1)
-        h = self._encode(ids)
+    def _offline_x(self, tokens: Sequence[int], frames: int
+                   ) -> Generator[Request, torch.Tensor, torch.Tensor]:
+        """The length regulator's input for a whole utterance, as ``flow.conditions`` builds it:
+        prompt and target features interpolated separately to their mel lengths."""
+        tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        h = yield Encode(torch.cat([self._prompt_token[0], tok]))
         n1 = self._prompt_token.shape[1]
-        x1 = F.interpolate(h[:, :n1].transpose(1, 2).contiguous(), size=self.mel_len1, mode="linear")
-        h2 = h[0, n1:]  # (n, D)
-        n = h2.shape[0]
+        x1 = interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)
+        x2 = interpolate_to(h[n1:].transpose(0, 1), frames)
+        return torch.cat([x1, x2], dim=1)
+
+    def _window_x(self, a: int, c: int, j0: int, j1: int
+                  ) -> Generator[Request, torch.Tensor, torch.Tensor]:
+        """The length regulator's input for tokens [a, c), the target part placed on the global
+        grid for frames [j0, j1): (80, mel_len1 + j1 - j0)."""
+        dev = self.device
+        tok = torch.tensor(self.tokens[a:c], dtype=torch.long, device=dev)
+        h = yield Encode(torch.cat([self._prompt_token[0], tok]))
+        n1 = self._prompt_token.shape[1]
+        x1 = interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)
         frames = torch.arange(j0, j1, device=dev, dtype=torch.float64)
-        p = (self._pos(frames) - a).clamp(0, n - 1)
-        i0 = p.floor().long().clamp(max=n - 1)
-        i1 = (i0 + 1).clamp(max=n - 1)
-        w = (p - i0.double()).to(h2.dtype).unsqueeze(1)
-        x2 = (h2[i0] * (1 - w) + h2[i1] * w).transpose(0, 1).unsqueeze(0)
-        x = torch.cat([x1, x2], dim=2)
-        return flow.length_regulator.model(x).contiguous()
+        x2 = linear_interp_rows(h[n1:], self._pos(frames) - a).transpose(0, 1)
+        return torch.cat([x1, x2], dim=1)
 
     def _blend_mel(self, mel: torch.Tensor, j0: int, commit: int) -> torch.Tensor:
         """Final mel for [committed, commit): this window's frames, the first ones cross-faded
@@ -421,9 +453,8 @@ class StreamingToken2Wav:
             out[:, :n] = w * out[:, :n] + (1 - w) * s.mel_tail[:, :n]
         return out
 
-    @torch.inference_mode()
     def _vocode(self, final_mel: torch.Tensor, window_mel: torch.Tensor, j0: int, j1: int,
-                commit: int, final: bool) -> np.ndarray:
+                commit: int, final: bool) -> Generator[Request, torch.Tensor, np.ndarray]:
         """HiFT on [committed - left, j1): history, new final frames, provisional look-ahead."""
         s, opt, spf, hift = self._s, self.opt, self.spf, self.hift
         parts = [s.mel_hist, final_mel]
@@ -432,18 +463,19 @@ class StreamingToken2Wav:
         mel_in = torch.cat(parts, dim=1)
         h0 = s.committed - s.mel_hist.shape[1]
         dev = next(hift.parameters()).device
-        mel_t = mel_in.unsqueeze(0).to(dev)
-        f0 = hift.f0(mel_t)  # (1, L)
+        mel_t = mel_in.to(dev)
+        f0 = yield PredictF0(mel_t)  # (L,)
         k = np.arange(1, hift.harmonics + 1, dtype=np.float64)
-        f0_np = f0[0].double().cpu().numpy()
+        f0_np = f0.double().cpu().numpy()
         left = s.committed - h0
         cycles_per_hz = spf * k / float(hift.sampling_rate)
         phase0 = (s.phase - cycles_per_hz * f0_np[:left].sum()) % 1.0
         noise = self.noise.source(h0 * spf, (h0 + mel_in.shape[1]) * spf)
         draws = SourceDraws(self.noise.phase, noise.unsqueeze(0))
         p0 = torch.from_numpy(phase0).float().view(1, -1, 1)
-        source = hift.source(f0, draws, phase0=p0)
-        wav = self._decode(mel_t, source)[0].float().cpu()
+        with torch.inference_mode():
+            source = hift.source(f0[None], draws, phase0=p0)
+        wav = (yield Decode(mel_t, source.view(-1))).float().cpu()
         start, end = left * spf, (commit - h0) * spf
         out = wav[start:end].clone()
         if s.wav_tail is not None:
