@@ -106,9 +106,17 @@ class StreamOptions:
         """Flow window of a steady chunk (and of the last chunk when the utterance is longer)."""
         return self.left_frames + self.max_hop_frames + self.lookahead_frames
 
+    @property
+    def hift_window_frames(self) -> int:
+        """HiFT window of a steady chunk. A last chunk takes as much more left context as makes
+        its window this long too (when the utterance has that much), so last chunks batch with
+        steady ones instead of each having a length of its own."""
+        return self.hift_left_frames + self.max_hop_frames + self.lookahead_frames
+
     def schedule(self) -> list[tuple[int, int]]:
         """(flow window, HiFT window) lengths of the chunks before the steady state, then the
-        steady one: the shapes worth a CUDA graph (a last chunk's HiFT window varies)."""
+        steady one: the shapes worth a CUDA graph (a last chunk of a long utterance has the steady
+        HiFT window; a short utterance's last chunk varies)."""
         out, committed, k = [], 0, 0
         while True:
             hop = self.hop(k)
@@ -361,12 +369,13 @@ class StreamingToken2Wav:
         keep = mel[:, commit - j0: commit - j0 + opt.mel_xfade]
         s.mel_tail = None if final else keep.clone()
         hist = torch.cat([s.mel_hist, final_mel], dim=1)
-        s.mel_hist = hist[:, max(0, hist.shape[1] - opt.hift_left_frames):].clone()
+        s.mel_hist = hist[:, max(0, hist.shape[1] - opt.hift_window_frames):].clone()
         s.committed = commit
         s.chunks += 1
-        self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_left_frames) - 1))
+        self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_window_frames) - 1))
         return wav
 
+    @torch.inference_mode()
     def _run_alone(self, request: Request) -> torch.Tensor:
         """One request through this stream's own callables (eager, or captured graphs)."""
         if isinstance(request, Encode):
@@ -455,13 +464,18 @@ class StreamingToken2Wav:
 
     def _vocode(self, final_mel: torch.Tensor, window_mel: torch.Tensor, j0: int, j1: int,
                 commit: int, final: bool) -> Generator[Request, torch.Tensor, np.ndarray]:
-        """HiFT on [committed - left, j1): history, new final frames, provisional look-ahead."""
+        """HiFT on [committed - left, j1): history, new final frames, provisional look-ahead
+        (a last chunk: as much history as makes a steady-length window)."""
         s, opt, spf, hift = self._s, self.opt, self.spf, self.hift
-        parts = [s.mel_hist, final_mel]
+        left = opt.hift_left_frames
+        if final:
+            left = max(left, opt.hift_window_frames - final_mel.shape[1])
+        hist = s.mel_hist[:, max(0, s.mel_hist.shape[1] - left):]
+        parts = [hist, final_mel]
         if not final:
             parts.append(window_mel[:, commit - j0: j1 - j0])
         mel_in = torch.cat(parts, dim=1)
-        h0 = s.committed - s.mel_hist.shape[1]
+        h0 = s.committed - hist.shape[1]
         dev = next(hift.parameters()).device
         mel_t = mel_in.to(dev)
         f0 = yield PredictF0(mel_t)  # (L,)

@@ -60,6 +60,8 @@ from stepaudio.tts.speakers import (
 )
 from stepaudio.tts.streaming import ChunkStats, StreamingToken2Wav, StreamOptions
 from stepaudio.tts.text import ClauseSplitter
+from stepaudio.tts.vocoder_batch import BatchRunner
+from stepaudio.tts.vocoder_scheduler import ChunkCancelled, RoundStats, VocoderScheduler
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,13 @@ class SynthOptions:
     speaker_cache_size: int = 32
     #: On CUDA: replay captured graphs for the flow's standard windows and HiFT (see cuda_graphs).
     cuda_graphs: bool = True
+    #: Run every stream's flow and HiFT work through one scheduler that batches it across
+    #: streams, deadline first (:mod:`~stepaudio.tts.vocoder_scheduler`). None: on CUDA only,
+    #: where a flow call costs about the same for one window as for many.
+    batching: bool | None = None
+    #: Batched: at most this many windows in one flow or HiFT call (a longer call makes a new
+    #: reply's first chunk wait longer behind it).
+    max_batch_rows: int = 16
 
 
 _END = object()
@@ -152,6 +161,10 @@ class Synthesizer:
         self._load_lock = threading.Lock()
         self.cache = SpeakerCache(self.options.speaker_cache_size)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepaudio-tts")
+        self._scheduler: VocoderScheduler | None = None
+        self._runners: dict[str, BatchRunner] = {}
+        #: Called with each batched round's stats (metrics); set by whoever owns the synthesizer.
+        self.on_round: Callable[[RoundStats], None] | None = None
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -215,10 +228,77 @@ class Synthesizer:
             self._warmed.add((folder, prompt))
         return solver, decode, encode
 
+    @property
+    def batching(self) -> bool:
+        """Whether chunks go through the cross-stream scheduler (see ``SynthOptions.batching``)."""
+        if self.options.batching is not None:
+            return self.options.batching
+        device = getattr(self.cosyvoice(VOCODER_FOLDER), "device", torch.device("cpu"))
+        return torch.device(device).type == "cuda"
+
+    @property
+    def scheduler(self) -> VocoderScheduler:
+        with self._load_lock:
+            if self._scheduler is None:
+                self._scheduler = VocoderScheduler(self.options.max_batch_rows,
+                                                   on_round=self._round_done)
+            return self._scheduler
+
+    def _round_done(self, stats: RoundStats) -> None:
+        if self.on_round is not None:
+            self.on_round(stats)
+
+    def runner(self, folder: str) -> BatchRunner:
+        """The batch runner of one vocoder folder (CUDA graphs per batch shape on a GPU)."""
+        with self._load_lock:
+            runner = self._runners.get(folder)
+        if runner is not None:
+            return runner
+        model = self.cosyvoice(folder)
+        runner = BatchRunner(model.flow, model.hift, self.options.stream.n_timesteps)
+        if self.options.cuda_graphs and torch.device(model.device).type == "cuda":
+            from stepaudio.tts.cuda_graphs import GraphedBatchDecode, GraphedBatchSolver
+
+            rows = self.options.max_batch_rows
+            runner.solver = GraphedBatchSolver(runner, rows)
+            runner.decoder = GraphedBatchDecode(model.hift, rows)
+        with self._load_lock:
+            return self._runners.setdefault(folder, runner)
+
+    def warm_batched(self, folder: str, feats: SpeakerFeatures) -> int:
+        """Capture the batched graphs a voice's windows need (on the vocoder thread, before its
+        first reply): every row bucket for its standard windows, padded and not. Returns how
+        many graphs were captured (0 off CUDA or once done)."""
+        runner = self.runner(folder)
+        prompt = int(feats.prompt_feat.shape[1])
+        if (folder, prompt) in self._warmed or not hasattr(runner.solver, "warm"):
+            return 0
+        opt = self.options.stream
+        shapes = opt.schedule()
+        top = self.options.max_batch_rows
+        rows = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
+        exact = {prompt + f for f, _ in shapes} | {prompt + opt.window_frames}
+        padded = {runner.bucket(prompt + n) for n in range(1, opt.window_frames + 1)}
+        solver, decoder = runner.solver, runner.decoder
+        n = solver.warm(rows, exact, padded=False)  # type: ignore[attr-defined]
+        n += solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
+        n += decoder.warm(rows, {h for _, h in shapes} | {opt.hift_window_frames})  # type: ignore[attr-defined]
+        self._warmed.add((folder, prompt))
+        log.info("tts: %d batched vocoder graphs captured for a %d-frame prompt", n, prompt)
+        return n
+
+    def prepare(self, folder: str, feats: SpeakerFeatures) -> tuple[Any, Any, Any]:
+        """Whatever a stream on ``folder`` in this voice needs before its first chunk (call on
+        the model thread): batched, the scheduler's graphs; alone, the stream's own callables."""
+        if self.batching:
+            self.warm_batched(folder, feats)
+            return None, None, None
+        return self.accelerators(folder, feats)
+
     async def warm(self, voice: Voice, text: str = "") -> None:
         """Describe a voice and capture its graphs ahead of the first reply (server start-up)."""
         feats = await asyncio.to_thread(self.features, voice, text)
-        await self.run_model(lambda: self.accelerators(vocoder_folder(text), feats))
+        await self.run_model(lambda: self.prepare(vocoder_folder(text), feats))
 
     def tokenizer(self) -> Any:
         with self._load_lock:
@@ -290,12 +370,29 @@ class Synthesizer:
         return wav, stream.report
 
     async def run_model(self, fn: Callable[[], Any]) -> Any:
-        """Run flow/HiFT work on the model thread."""
+        """Run flow/HiFT work on the model thread (the scheduler's, when batching)."""
+        if self.batching:
+            return await asyncio.wrap_future(self.scheduler.call(fn))
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    async def vocode(self, st: StreamingToken2Wav, folder: str, *, deadline: float, first: bool,
+                     cancelled: Callable[[], bool]) -> np.ndarray:
+        """The stream's next chunk: batched with other streams' through the scheduler, or
+        alone on the model thread. Raises CancelledError if the stream was cancelled first."""
+        if not self.batching:
+            return await self.run_model(st.next_chunk)
+        fut = self.scheduler.submit(self.runner(folder), st.chunk_work(), deadline=deadline,
+                                    first=first, cancelled=cancelled)
+        try:
+            return await asyncio.wrap_future(fut)
+        except ChunkCancelled:
+            raise asyncio.CancelledError from None
+
     async def aclose(self) -> None:
-        """Stop the model thread; close the TTS engine only if this synthesizer built it."""
+        """Stop the model threads; close the TTS engine only if this synthesizer built it."""
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
         if self.owns_engine:
             await self.engine.aclose()
 
@@ -317,6 +414,9 @@ class SpeechStream:
         self._cancel = threading.Event()
         self._ended = False
         self._started = time.perf_counter()
+        #: When the first chunk went out: the listener's playback clock, from which each later
+        #: chunk's deadline (the moment their audio would run out) follows.
+        self._play_start: float | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._finished = False
 
@@ -409,7 +509,7 @@ class SpeechStream:
         feats = await asyncio.to_thread(synth.features, self.voice, clause)
         folder = vocoder_folder(clause)
         model = await asyncio.to_thread(synth.cosyvoice, folder)
-        solver, decode, encode = await synth.run_model(lambda: synth.accelerators(folder, feats))
+        solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
         engine = synth.engine
         prompt = build_tts_prompt_ids(engine.tokenizer, clause, feats.prompt_text,
                                       feats.prompt_speaker, feats.prompt_code)
@@ -431,14 +531,14 @@ class SpeechStream:
             async for delta in gen:
                 st.push(filt(delta.token_ids))
                 while st.ready():
-                    self._emit(await self._chunk(st), sr, index, clause)
+                    self._emit(await self._chunk(st, folder), sr, index, clause)
             if gen.finish_reason is FinishReason.LENGTH:
                 report.warnings.append(f"clause {index} reached its {limit}-token cap without "
                                        "<|EOT|>")
             report.finish_reasons.append(gen.finish_reason.value if gen.finish_reason else "?")
             st.finish()
             while st.ready():
-                self._emit(await self._chunk(st), sr, index, clause)
+                self._emit(await self._chunk(st, folder), sr, index, clause)
         except EngineError as err:
             raise SynthesisError(f"TTS-3B failed on clause {index}: {err}") from None
         finally:
@@ -449,10 +549,13 @@ class SpeechStream:
                 log.info("tts: clause %d: %d non-audio ids skipped (e.g. %s)", index, filt.skipped,
                          filt.skipped_ids[:4])
 
-    async def _chunk(self, st: StreamingToken2Wav) -> np.ndarray:
+    async def _chunk(self, st: StreamingToken2Wav, folder: str) -> np.ndarray:
         if self._cancel.is_set():
             raise asyncio.CancelledError
-        wav = await self.synth.run_model(st.next_chunk)
+        first = self._play_start is None
+        deadline = time.perf_counter() if first else self._play_start + self.report.audio_s
+        wav = await self.synth.vocode(st, folder, deadline=deadline, first=first,
+                                      cancelled=self._cancel.is_set)
         self.report.chunks.append(st.stats[-1])
         if self._cancel.is_set():
             raise asyncio.CancelledError
@@ -462,8 +565,9 @@ class SpeechStream:
         if pcm.size == 0:
             return
         chunk = AudioChunk(pcm, sr, index, clause)
-        if self.report.first_chunk_s is None:
-            self.report.first_chunk_s = time.perf_counter() - self._started
+        if self._play_start is None:
+            self._play_start = time.perf_counter()
+            self.report.first_chunk_s = self._play_start - self._started
         self.report.audio_s += chunk.seconds
         self._out.put_nowait(chunk)
 
