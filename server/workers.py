@@ -580,9 +580,24 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
                            api_key_env=cfg.tts.api_key_env)
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
     synth = Synthesizer.from_model_root(root, device=device, lm_dtype=lm_dtype, engine=engine,
-                                        speakers_dir=cfg.tts.speakers_dir)
+                                        speakers_dir=cfg.tts.speakers_dir,
+                                        options=synth_options(cfg.tts),
+                                        engine_options=tts_engine_options(cfg.tts))
     synth._tokenizer = tokenizer  # share the loaded audio tokenizer (voice cloning uses it)
     return synth
+
+
+def synth_options(tts: Any) -> Any:
+    """The synthesizer's options from the ``tts`` config section."""
+    from stepaudio.tts.synthesizer import SynthOptions
+
+    batching = {"auto": None, "on": True, "off": False}[tts.batching]
+    return SynthOptions(batching=batching, max_batch_rows=tts.max_batch_rows)
+
+
+def tts_engine_options(tts: Any) -> dict[str, Any]:
+    """In-process TTS-3B engine settings from the ``tts`` config section."""
+    return {"max_batch": tts.max_batch, "max_len": tts.max_len, "prefix_slots": tts.prefix_slots}
 
 
 def new_seed() -> int:

@@ -188,6 +188,14 @@ class LLMConfig(_Section):
         description="transformers engine, fast path: requests that may wait for a free slot; one "
         "more is refused at once with an error.",
     )
+    prefix_slots: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="transformers engine, fast path: extra KV-cache slots that keep recent "
+        "prompts, so a prompt that starts like one of them (the history of the last turn) copies "
+        "those keys instead of computing them again.",
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(
@@ -234,6 +242,30 @@ class TTSConfig(_Section):
         None,
         description="Folder of `{id}_prompt.wav` + speakers_info.json; none: the model root's "
         "speakers/, else the packaged Tingting.",
+    )
+    max_batch: int = Field(
+        16, ge=1, le=256,
+        description="In-process TTS-3B: clauses decoded at once (one per speaking session); "
+        "further clauses wait for a free slot.",
+    )
+    max_len: int = Field(
+        4096, ge=256,
+        description="In-process TTS-3B: tokens per KV-cache slot (speaker prompt + clause + its "
+        "speech tokens). GPU memory: (max_batch + prefix_slots) x max_len x 32 KiB.",
+    )
+    prefix_slots: int = Field(
+        4, ge=0, le=64,
+        description="In-process TTS-3B: KV-cache slots that keep recent prompts; a clause in a "
+        "voice already heard copies its ~900-token speaker prompt instead of computing it.",
+    )
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run the flow and HiFT of every speaking session through one scheduler that "
+        "batches them across sessions (earliest deadline and first audio first). auto: on CUDA.",
+    )
+    max_batch_rows: int = Field(
+        16, ge=1, le=64,
+        description="Batched vocoder: at most this many windows in one flow or HiFT call.",
     )
 
 

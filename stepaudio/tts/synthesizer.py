@@ -171,9 +171,11 @@ class Synthesizer:
     def from_model_root(cls, root: str | Path, *, device: str = "cpu", lm_dtype: str = "float32",
                         flow_dtype: torch.dtype | None = None, engine: Engine | None = None,
                         speakers_dir: str | Path | None = None,
-                        options: SynthOptions | None = None) -> Synthesizer:
+                        options: SynthOptions | None = None,
+                        engine_options: dict[str, Any] | None = None) -> Synthesizer:
         """Everything from a model root (real or tiny): TTS-3B in process unless ``engine`` is
-        given, both vocoder folders, the root's speakers (else the packaged ones)."""
+        given (``engine_options``: the in-process engine's keyword arguments), both vocoder
+        folders, the root's speakers (else the packaged ones)."""
         from stepaudio.models import model_paths
         from stepaudio.tts.cosyvoice import CosyVoice
         from stepaudio.tts.prompt import default_speakers_dir
@@ -183,7 +185,8 @@ class Synthesizer:
         if engine is None:
             from stepaudio.llm.engine_transformers import TransformersEngine
 
-            engine = TransformersEngine.from_pretrained(paths.tts, device=device, dtype=lm_dtype)
+            engine = TransformersEngine.from_pretrained(paths.tts, device=device, dtype=lm_dtype,
+                                                        **(engine_options or {}))
         if flow_dtype is None:
             flow_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         folder = Path(speakers_dir) if speakers_dir else (
