@@ -535,6 +535,10 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
         from server.zero_cost import zero_cost_stages
 
         return zero_cost_stages(cfg, root, metrics)
+    if cfg.models.profile == "random":
+        from server.random_profile import random_stages
+
+        return random_stages(cfg, metrics)
     from stepaudio.llm.engine import make_engine
     from stepaudio.models import model_paths
     from stepaudio.tokenizer import StepAudioTokenizer
@@ -542,7 +546,13 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
     paths = model_paths(root)
     tok = StepAudioTokenizer.from_config(paths.tokenizer, cfg.tokenizer)
     tokenizer = TokenizerStage(lambda: tok.open_stream(), metrics, cfg.server.tokenizer_threads)
-    engine = make_engine(cfg.llm, paths.chat)
+    if cfg.llm.engine == "stand-in":
+        from server.random_profile import stand_in_chat
+        from stepaudio.llm.tokenizer import load_text_tokenizer
+
+        engine = stand_in_chat(cfg, load_text_tokenizer(paths.chat))
+    else:
+        engine = make_engine(cfg.llm, paths.chat)
     chat = ChatStage(
         engine,
         metrics,

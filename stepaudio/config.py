@@ -23,10 +23,18 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    profile: Literal["tiny", "real"] = Field(
+    profile: Literal["tiny", "real", "random"] = Field(
         "tiny",
         description="tiny: random-weight checkpoints generated on first use (babble, for development "
-        "and CI); real: the published checkpoints under `root`.",
+        "and CI); real: the published checkpoints under `root`; random: the speech models "
+        "(TTS-3B, flow, HiFT) at their published shapes with seeded random weights built in "
+        "memory on `tts.device`, no files (capacity measurements on a GPU: the voices are noise; "
+        "the audio tokenizer is a zero-cost stand-in and the chat model must be `llm.engine: "
+        "stand-in`).",
+    )
+    sizes: Literal["published", "small"] = Field(
+        "published",
+        description="random profile: the models' shapes; small: CPU-sized, for tests.",
     )
     root: Path | None = Field(
         None,
@@ -36,7 +44,7 @@ class ModelsConfig(_Section):
     cache_dir: Path | None = Field(
         None, description="Cache folder; default $STEPAUDIO_CACHE or ~/.cache/stepaudio."
     )
-    seed: int = Field(0, description="Seed of the tiny checkpoints (tiny profile only).")
+    seed: int = Field(0, description="Seed of the tiny checkpoints or the random profile's weights.")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
@@ -51,6 +59,8 @@ class ModelsConfig(_Section):
             return self.root.expanduser()
         if self.profile == "real":
             raise ConfigError("models.root: required when models.profile is 'real'")
+        if self.profile == "random":
+            raise ConfigError("models.root: the random profile has no model files")
         return self.resolved_cache_dir() / f"tiny-models-seed{self.seed}"
 
 
@@ -87,11 +97,23 @@ class TokenizerConfig(_Section):
 class LLMConfig(_Section):
     """Step-Audio-Chat: which engine runs it, where, and how replies are sampled."""
 
-    engine: Literal["transformers", "vllm", "openai"] = Field(
+    engine: Literal["transformers", "vllm", "openai", "stand-in"] = Field(
         "transformers",
         description="transformers: in this process on `device` (tiny models, one GPU); vllm: "
         "in-process vLLM AsyncLLM (pip install 'stepaudio-realtime[vllm]'); openai: a remote "
-        "`vllm serve` (see `stepaudio vllm-command`) through its /v1/completions stream.",
+        "`vllm serve` (see `stepaudio vllm-command`) through its /v1/completions stream; "
+        "stand-in: no model, canned replies with the 130B model's timing (`standin_*`), for "
+        "measuring the speech side on one GPU; never for users.",
+    )
+    standin_prefill_ms_per_1k: float = Field(
+        145.0, ge=0,
+        description="stand-in engine: time to the first token per 1000 prompt tokens (one "
+        "tensor-parallel rank of the 130B on an H200: 142 ms for 1000).",
+    )
+    standin_ms_per_token: float = Field(
+        26.0, ge=0,
+        description="stand-in engine: time between tokens (H200 rank: 23.4-26.6 ms at batch "
+        "1-32, plus ~1 ms of all-reduce, estimated).",
     )
     device: str = Field("cpu", description="transformers engine: torch device (cpu, cuda:0).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

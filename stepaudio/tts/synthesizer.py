@@ -132,6 +132,9 @@ class SynthOptions:
     #: Batched: at most this many windows in one flow or HiFT call (a longer call makes a new
     #: reply's first chunk wait longer behind it).
     max_batch_rows: int = 16
+    #: Speech tokens a clause may take, in place of the reference's ceiling (the random-weight
+    #: profile, whose TTS-3B never ends a clause by itself, sets what a real voice would take).
+    clause_tokens: Callable[[str], int] | None = None
 
 
 _END = object()
@@ -518,6 +521,9 @@ class SpeechStream:
                                       feats.prompt_speaker, feats.prompt_code)
         limit = max_new_tokens_for(clause, model.config.input_frame_rate, len(prompt),
                                    engine.max_model_len, music=is_music(clause))
+        planned = synth.options.clause_tokens is not None
+        if planned:
+            limit = min(limit, synth.options.clause_tokens(clause))
         if limit <= 1:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
@@ -535,7 +541,7 @@ class SpeechStream:
                 st.push(filt(delta.token_ids))
                 while st.ready():
                     self._emit(await self._chunk(st, folder), sr, index, clause)
-            if gen.finish_reason is FinishReason.LENGTH:
+            if gen.finish_reason is FinishReason.LENGTH and not planned:
                 report.warnings.append(f"clause {index} reached its {limit}-token cap without "
                                        "<|EOT|>")
             report.finish_reasons.append(gen.finish_reason.value if gen.finish_reason else "?")
