@@ -409,6 +409,13 @@ class SpeechStage:
         self.metrics = metrics
         self.name = name
         self._encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepaudio-enc")
+        if hasattr(synth, "on_round"):  # the batched vocoder reports each round
+            synth.on_round = self._round
+
+    def _round(self, stats: Any) -> None:
+        if "Solve" in stats.rows:
+            self.metrics.vocoder_rows.observe(stats.rows["Solve"])
+        self.metrics.vocoder_round.observe(stats.seconds)
 
     def check_voice(self, speaker: str) -> str | None:
         """None if the speaker exists, else a message naming the known ones."""

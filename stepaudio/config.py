@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def _yaml_switch(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``on`` / ``off`` as a boolean: take it as the word meant."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+#: auto / on / off, also when written unquoted in YAML.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class _Section(BaseModel):
@@ -183,7 +194,7 @@ class LLMConfig(_Section):
         description="transformers engine: prompt tokens per forward, so a long prompt delays the "
         "other running replies by one chunk at a time.",
     )
-    fast_decode: Literal["auto", "on", "off"] = Field(
+    fast_decode: Switch = Field(
         "auto",
         description="transformers engine: decode all running replies in one batched step over a "
         "static KV cache (CUDA graphs + Triton kernels on a GPU). auto: on for Step1 on CUDA, and "
@@ -280,7 +291,7 @@ class TTSConfig(_Section):
         description="In-process TTS-3B: KV-cache slots that keep recent prompts; a clause in a "
         "voice already heard copies its ~900-token speaker prompt instead of computing it.",
     )
-    batching: Literal["auto", "on", "off"] = Field(
+    batching: Switch = Field(
         "auto",
         description="Run the flow and HiFT of every speaking session through one scheduler that "
         "batches them across sessions (earliest deadline and first audio first). auto: on CUDA.",

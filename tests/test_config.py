@@ -47,3 +47,12 @@ def test_real_profile_needs_a_root():
     cfg = config_from_dict({"models": {"profile": "real"}})
     with pytest.raises(ConfigError, match="models.root"):
         cfg.models.resolved_root()
+
+
+def test_unquoted_on_and_off_in_yaml_mean_the_words(tmp_path):
+    from stepaudio.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("llm:\n  fast_decode: off\ntts:\n  batching: on\n", encoding="utf-8")
+    cfg = load_config(path)  # YAML 1.1 reads these as booleans
+    assert cfg.llm.fast_decode == "off" and cfg.tts.batching == "on"

@@ -278,11 +278,20 @@ class StreamingToken2Wav:
         conf = self.flow.mel_feat_conf
         # mel frames per token, exactly as the flow's own length rule computes it
         self.r = float(conf["sampling_rate"]) / float(conf["hop_size"]) / self.flow.input_frame_rate
-        self._prompt_token = speaker.prompt_token.reshape(1, -1).to(self.device)
-        with torch.inference_mode():
-            emb = speaker.embedding.to(self.device, self.dtype)
-            self._spks = self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1))
-        self._prompt_feat = speaker.prompt_feat.to(self.device)
+        self._on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _speaker(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt tokens (1, T1), projected speaker embedding (1, 80), prompt mel (1, T, 80)) on
+        the device, made on first use: by whichever thread runs the chunks (the vocoder's, on
+        its own CUDA stream), never the event loop that creates the stream."""
+        if self._on_device is None:
+            spk = self.speaker
+            with torch.inference_mode():
+                emb = spk.embedding.to(self.device, self.dtype)
+                self._on_device = (spk.prompt_token.reshape(1, -1).to(self.device),
+                                   self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1)),
+                                   spk.prompt_feat.to(self.device))
+        return self._on_device
 
     # -- feeding -------------------------------------------------------------------------------
     def push(self, tokens: Sequence[int]) -> None:
@@ -422,9 +431,10 @@ class StreamingToken2Wav:
         mu = yield Regulate(x)
         length = mu.shape[-1]
         cond = torch.zeros(flow.output_size, length, device=dev, dtype=dtype)
-        cond[:, : self.mel_len1] = self._prompt_feat[0].transpose(0, 1).to(dtype)
+        _, spks, prompt_feat = self._speaker()
+        cond[:, : self.mel_len1] = prompt_feat[0].transpose(0, 1).to(dtype)
         noise = torch.cat([self.noise.prompt, self.noise.mel(j0, j1)], dim=1)
-        feat = yield Solve(mu, cond, self._spks[0], noise.to(dev, dtype))
+        feat = yield Solve(mu, cond, spks[0], noise.to(dev, dtype))
         return feat[:, self.mel_len1:].float().cpu(), (a, c)
 
     def _offline_x(self, tokens: Sequence[int], frames: int
@@ -432,8 +442,9 @@ class StreamingToken2Wav:
         """The length regulator's input for a whole utterance, as ``flow.conditions`` builds it:
         prompt and target features interpolated separately to their mel lengths."""
         tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
-        h = yield Encode(torch.cat([self._prompt_token[0], tok]))
-        n1 = self._prompt_token.shape[1]
+        prompt_token = self._speaker()[0]
+        h = yield Encode(torch.cat([prompt_token[0], tok]))
+        n1 = prompt_token.shape[1]
         x1 = interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)
         x2 = interpolate_to(h[n1:].transpose(0, 1), frames)
         return torch.cat([x1, x2], dim=1)
@@ -444,8 +455,9 @@ class StreamingToken2Wav:
         grid for frames [j0, j1): (80, mel_len1 + j1 - j0)."""
         dev = self.device
         tok = torch.tensor(self.tokens[a:c], dtype=torch.long, device=dev)
-        h = yield Encode(torch.cat([self._prompt_token[0], tok]))
-        n1 = self._prompt_token.shape[1]
+        prompt_token = self._speaker()[0]
+        h = yield Encode(torch.cat([prompt_token[0], tok]))
+        n1 = prompt_token.shape[1]
         x1 = interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)
         frames = torch.arange(j0, j1, device=dev, dtype=torch.float64)
         x2 = linear_interp_rows(h[n1:], self._pos(frames) - a).transpose(0, 1)

@@ -109,6 +109,10 @@ class SynthesisReport:
     finish_reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     first_chunk_s: float | None = None
+    #: perf_counter times: the first clause's TTS-3B request, and the first chunk handed out (so
+    #: "request to first audio" is what the speech side alone costs a reply).
+    first_request_at: float | None = None
+    first_chunk_at: float | None = None
     audio_s: float = 0.0
     chunks: list[ChunkStats] = field(default_factory=list)
     cancelled: bool = False
@@ -246,8 +250,9 @@ class Synthesizer:
     def scheduler(self) -> VocoderScheduler:
         with self._load_lock:
             if self._scheduler is None:
+                device = getattr(self._models.get(VOCODER_FOLDER), "device", None)
                 self._scheduler = VocoderScheduler(self.options.max_batch_rows,
-                                                   on_round=self._round_done)
+                                                   on_round=self._round_done, device=device)
             return self._scheduler
 
     def _round_done(self, stats: RoundStats) -> None:
@@ -297,7 +302,8 @@ class Synthesizer:
         """Whatever a stream on ``folder`` in this voice needs before its first chunk (call on
         the model thread): batched, the scheduler's graphs; alone, the stream's own callables."""
         if self.batching:
-            self.warm_batched(folder, feats)
+            if folder == VOCODER_FOLDER:  # others (the music vocoder) capture on first use
+                self.warm_batched(folder, feats)
             return None, None, None
         return self.accelerators(folder, feats)
 
@@ -532,6 +538,8 @@ class SpeechStream:
                                 solver=solver, decode=decode, encode=encode)
         filt = AudioTokenFilter()
         sr = int(model.sample_rate)
+        if report.first_request_at is None:
+            report.first_request_at = time.perf_counter()
         try:
             gen = engine.generate(prompt, params)
         except EngineError as err:
@@ -575,7 +583,7 @@ class SpeechStream:
             return
         chunk = AudioChunk(pcm, sr, index, clause)
         if self._play_start is None:
-            self._play_start = time.perf_counter()
+            self._play_start = self.report.first_chunk_at = time.perf_counter()
             self.report.first_chunk_s = self._play_start - self._started
         self.report.audio_s += chunk.seconds
         self._out.put_nowait(chunk)

@@ -221,7 +221,8 @@ class BatchRunner:
             return fn(requests)  # type: ignore[operator]
 
     # -- flow ----------------------------------------------------------------------------------
-    def _bucket(self, n: int) -> int:
+    def bucket(self, n: int) -> int:
+        """The padded length of a batch whose longest window is ``n`` frames."""
         q = self.length_bucket
         return -(-n // q) * q
 
@@ -255,7 +256,7 @@ class BatchRunner:
     def solve(self, reqs: Sequence[Solve]) -> list[torch.Tensor]:
         lens = [int(r.mu.shape[-1]) for r in reqs]
         padded = min(lens) != max(lens)
-        n = self._bucket(max(lens)) if padded else max(lens)
+        n = self.bucket(max(lens)) if padded else max(lens)
         b = len(reqs)
         dtype = reqs[0].mu.dtype
         mu = _stack_padded([r.mu for r in reqs], n)
