@@ -250,8 +250,9 @@ class GraphedBatchSolver:
 
     Rows are rounded up to a power of two (extra rows are zeros with a full mask, so they compute
     finite nonsense that is dropped); an unpadded batch (every window the same length) replays
-    the unmasked estimator's graph for that exact length, a padded one the masked estimator's
-    for the runner's bucketed length. Every graph shares one memory pool: replays never overlap
+    the unmasked estimator's graph for that exact length when one was captured (the standard
+    windows, at start-up), any other batch the masked estimator's for the runner's bucketed
+    length. Every graph shares one memory pool: replays never overlap
     (one vocoder thread) and each output is copied out before the next replay.
     """
 
@@ -281,6 +282,14 @@ class GraphedBatchSolver:
             return self.runner.eager_solve(mu, mask, spks, cond, noise, padded)
         rows = mu.shape[0]
         size = self.rows_bucket(rows)
+        length = int(mu.shape[-1])
+        if not padded and (size, length) not in self.caches[False].graphs:
+            # An exact length no graph was captured for (a last window): pad it to the bucket
+            # and replay the masked graph there, rather than capture one more on a request.
+            extra = self.runner.bucket(length) - length
+            mu, cond, noise, mask = (torch.nn.functional.pad(x, (0, extra))
+                                     for x in (mu, cond, noise, mask))
+            padded = True
         if size != rows:
             def grow(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
                 out = x.new_full((size, *x.shape[1:]), fill)
@@ -289,10 +298,12 @@ class GraphedBatchSolver:
 
             mu, cond, noise, spks, mask = grow(mu), grow(cond), grow(noise), grow(spks), grow(mask, 1)
         out = self.caches[padded].run((size, int(mu.shape[-1])), mu, mask, spks, cond, noise)
-        return out[:rows].clone()
+        return out[:rows, :, :length].clone()
 
     def warm(self, rows: Iterable[int], lengths: Iterable[int], padded: bool) -> int:
         """Capture graphs now (start-up), not on a request; returns how many were captured."""
+        if not torch.cuda.is_available() or self.runner.device.type != "cuda":
+            return 0
         runner, n = self.runner, 0
         flow = runner.flow
         dev, dtype = runner.device, flow.dtype
@@ -303,7 +314,8 @@ class GraphedBatchSolver:
                 mu = torch.randn(size, flow.output_size, length, device=dev, dtype=dtype)
                 mask = torch.ones(size, 1, length, device=dev, dtype=dtype)
                 spks = torch.randn(size, flow.output_size, device=dev, dtype=dtype)
-                self(mu, mask, spks, torch.randn_like(mu), torch.randn_like(mu), padded)
+                self.caches[padded].run((size, length), mu, mask, spks, torch.randn_like(mu),
+                                        torch.randn_like(mu))
                 n += 1
         return n
 
