@@ -107,6 +107,7 @@ def _vocoder_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(("stepaudio_vocoder_rows_sum", "stepaudio_vocoder_rows_count",
+                            "stepaudio_vocoder_batch_seconds_total",
                             "stepaudio_vocoder_round_seconds_sum",
                             "stepaudio_vocoder_round_seconds_count")):
             name, value = line.rsplit(" ", 1)

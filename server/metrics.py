@@ -73,6 +73,9 @@ class Metrics:
         self.vocoder_rows = Histogram(
             "stepaudio_vocoder_rows", "Sessions' windows in one batched flow call.",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.vocoder_batch_seconds = Counter(
+            "stepaudio_vocoder_batch_seconds", "Time in the batched vocoder's model calls.",
+            registry=r)
         self.vocoder_round = Histogram(
             "stepaudio_vocoder_round_seconds",
             "One round of the batched vocoder (every stage once, all sessions).",

@@ -416,6 +416,7 @@ class SpeechStage:
         if "Solve" in stats.rows:
             self.metrics.vocoder_rows.observe(stats.rows["Solve"])
         self.metrics.vocoder_round.observe(stats.seconds)
+        self.metrics.vocoder_batch_seconds.inc(stats.batch_seconds)
 
     def check_voice(self, speaker: str) -> str | None:
         """None if the speaker exists, else a message naming the known ones."""

@@ -13,6 +13,7 @@ import torch
 from test_synthesizer import ScriptedEngine
 
 from stepaudio.tts.cosyvoice import CosyVoice
+from stepaudio.tts.estimator_fast import HAS_TRITON
 from stepaudio.tts.speakers import SpeakerFeatures
 from stepaudio.tts.streaming import StreamingToken2Wav
 from stepaudio.tts.synthesizer import Synthesizer, SynthOptions
@@ -264,3 +265,83 @@ async def test_cancelled_batched_stream_stops_and_others_go_on(synths):
     rest = [c async for c in b]
     await a.aclose()
     assert len(a.report.chunks) <= computed + 1 and len(rest) > 2
+
+
+_GN_CHILD = """
+import torch, torch.nn.functional as F
+from stepaudio.tts.estimator_fast import _gn_mish_kernel
+from stepaudio.tts.vocoder_batch import lengths_mask, masked_group_norm
+torch.manual_seed(0)
+norm = torch.nn.GroupNorm(8, 64)
+with torch.no_grad():
+    norm.weight.normal_(); norm.bias.normal_()
+x = 3 * torch.randn(3, 64, 70)
+for mask in (None, lengths_mask([70, 41, 9], 70, 3, x.device, x.dtype)):
+    out = torch.empty_like(x)
+    m = mask.reshape(3, 70).contiguous() if mask is not None else x
+    _gn_mish_kernel[(3 * 8,)](x, m, norm.weight, norm.bias, out, 64, 70, 8, norm.eps,
+                              HAS_MASK=mask is not None, BLOCK_C=8, BLOCK_T=32)
+    ref = F.mish(norm(x)) if mask is None else F.mish(masked_group_norm(x, mask, norm)) * mask
+    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_group_norm_mish_kernel_matches_torch_in_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).parent.parent)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _GN_CHILD], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_group_norm_mish_kernel_compiles_for_hopper():
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:
+        pytest.skip("no Triton CUDA backend")
+    from stepaudio.tts.estimator_fast import _gn_mish_kernel
+
+    for has_mask in (True, False):
+        sig = {"x_ptr": "*bf16", "m_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+               "out_ptr": "*bf16", "C": "i32", "T": "i32", "CG": "i32", "eps": "fp32",
+               "HAS_MASK": "constexpr", "BLOCK_C": "constexpr", "BLOCK_T": "constexpr"}
+        src = triton.compiler.ASTSource(fn=_gn_mish_kernel, signature=sig, constexprs={
+            "HAS_MASK": has_mask, "BLOCK_C": 32, "BLOCK_T": 128})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4})
+        assert "cubin" in compiled.asm
+
+
+async def test_next_clause_is_written_while_the_current_one_is_vocoded(synths):
+    _, synth = synths
+    ids = [65536 + 1024 + int(i) for i in np.random.default_rng(1).integers(0, 4096, 200)]
+    events: list[tuple[str, int]] = []
+
+    class Recording(ScriptedEngine):
+        def generate(self, prompt, params=None, *, request_id=None):
+            events.append(("request", len(events)))
+            return super().generate(prompt, params, request_id=request_id)
+
+    synth.engine = Recording(synths[0].engine, ids)
+    stream = synth.open(synth.voice("Tingting"), seed=2)
+    stream.push_text("第一句话比较长，第二句也不短。")
+    stream.end_text()
+    async for chunk in stream:
+        events.append((f"chunk {chunk.clause}", len(events)))
+    kinds = [k for k, _ in events]
+    assert kinds.count("request") == 2
+    second = kinds.index("request", 1)
+    last_of_first = max(i for i, k in enumerate(kinds) if k == "chunk 0")
+    assert second < last_of_first  # clause 1's tokens were on their way before clause 0 ended

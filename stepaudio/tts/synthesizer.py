@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,20 @@ class SynthOptions:
 
 
 _END = object()
+
+
+@dataclass
+class _Clause:
+    """One clause of a reply between its TTS-3B request and its last chunk."""
+
+    index: int
+    text: str
+    folder: str
+    feats: SpeakerFeatures
+    model: Any
+    st: StreamingToken2Wav
+    generating: bool = True  # speech tokens are still coming
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # tokens came, or the end
 
 
 class Synthesizer:
@@ -278,8 +292,10 @@ class Synthesizer:
 
     def warm_batched(self, folder: str, feats: SpeakerFeatures) -> int:
         """Capture the batched graphs a voice's windows need (on the vocoder thread, before its
-        first reply): every row bucket for its standard windows, padded and not. Returns how
-        many graphs were captured (0 off CUDA or once done)."""
+        first reply): the masked flow graph of every row bucket and every length bucket its
+        windows fall in (an unpadded batch replays the masked graph of its bucket too: with the
+        fused masked GroupNorm it costs the same, and one set of graphs is half the start-up),
+        and HiFT's for the standard windows. Returns how many were captured (0 off CUDA)."""
         runner = self.runner(folder)
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) in self._warmed or not hasattr(runner.solver, "warm"):
@@ -288,11 +304,9 @@ class Synthesizer:
         shapes = opt.schedule()
         top = self.options.max_batch_rows
         rows = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
-        exact = {prompt + f for f, _ in shapes} | {prompt + opt.window_frames}
         padded = {runner.bucket(prompt + n) for n in range(1, opt.window_frames + 1)}
         solver, decoder = runner.solver, runner.decoder
-        n = solver.warm(rows, exact, padded=False)  # type: ignore[attr-defined]
-        n += solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
+        n = solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
         n += decoder.warm(rows, {h for _, h in shapes} | {opt.hift_window_frames})  # type: ignore[attr-defined]
         self._warmed.add((folder, prompt))
         log.info("tts: %d batched vocoder graphs captured for a %d-frame prompt", n, prompt)
@@ -496,14 +510,23 @@ class SpeechStream:
 
     # -- work ----------------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Clauses in order, two at a time: while one clause's chunks are vocoded, the next one's
+        speech tokens are already being written, so a clause boundary costs no TTS-3B prefill
+        and no first tokens on the listener's clock."""
+        queue: asyncio.Queue[_Clause | None] = asyncio.Queue()
+        speaker = asyncio.get_running_loop().create_task(self._speak_all(queue))
         try:
             index = 0
             while True:
                 clause = await self._clauses.get()
                 if clause is None:
                     break
-                await self._speak(index, clause)
+                job = await self._prepare(index, clause)
+                queue.put_nowait(job)
+                await self._generate(job)
                 index += 1
+            queue.put_nowait(None)
+            await speaker
         except asyncio.CancelledError:
             pass
         except StepAudioError as err:
@@ -513,19 +536,35 @@ class SpeechStream:
             log.exception("tts stream failed")
             self._out.put_nowait(StepAudioError(f"speech synthesis failed: {type(err).__name__}: {err}"))
             return
+        finally:
+            if not speaker.done():
+                speaker.cancel()
+                with contextlib.suppress(BaseException):
+                    await speaker
         self._out.put_nowait(_END)
 
-    async def _speak(self, index: int, clause: str) -> None:
-        synth, report = self.synth, self.report
-        report.clauses.append(clause)
+    async def _prepare(self, index: int, clause: str) -> _Clause:
+        """Voice features, vocoder folder and the clause's token-to-wav stream."""
+        synth = self.synth
+        self.report.clauses.append(clause)
         feats = await asyncio.to_thread(synth.features, self.voice, clause)
         folder = vocoder_folder(clause)
         model = await asyncio.to_thread(synth.cosyvoice, folder)
         solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
-        engine = synth.engine
-        prompt = build_tts_prompt_ids(engine.tokenizer, clause, feats.prompt_text,
-                                      feats.prompt_speaker, feats.prompt_code)
-        limit = max_new_tokens_for(clause, model.config.input_frame_rate, len(prompt),
+        opts = synth.options.stream
+        if index > 0:  # the listener already has audio: later clauses start with a full hop
+            opts = replace(opts, first_frames=max(opts.first_frames, opts.max_hop_frames))
+        st = StreamingToken2Wav(model, feats, opts, seed=self.seed + index, solver=solver,
+                                decode=decode, encode=encode)
+        return _Clause(index, clause, folder, feats, model, st)
+
+    async def _generate(self, job: _Clause) -> None:
+        """TTS-3B for one clause: its speech tokens go into the clause's stream as they come."""
+        synth, report = self.synth, self.report
+        engine, index, clause = synth.engine, job.index, job.text
+        prompt = build_tts_prompt_ids(engine.tokenizer, clause, job.feats.prompt_text,
+                                      job.feats.prompt_speaker, job.feats.prompt_code)
+        limit = max_new_tokens_for(clause, job.model.config.input_frame_rate, len(prompt),
                                    engine.max_model_len, music=is_music(clause))
         planned = synth.options.clause_tokens is not None
         if planned:
@@ -534,10 +573,7 @@ class SpeechStream:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
                                      in_process_rule=getattr(engine, "name", "") == "transformers")
-        st = StreamingToken2Wav(model, feats, synth.options.stream, seed=self.seed + index,
-                                solver=solver, decode=decode, encode=encode)
         filt = AudioTokenFilter()
-        sr = int(model.sample_rate)
         if report.first_request_at is None:
             report.first_request_at = time.perf_counter()
         try:
@@ -546,25 +582,37 @@ class SpeechStream:
             raise SynthesisError(f"TTS-3B refused clause {index}: {err}") from None
         try:
             async for delta in gen:
-                st.push(filt(delta.token_ids))
-                while st.ready():
-                    self._emit(await self._chunk(st, folder), sr, index, clause)
+                job.st.push(filt(delta.token_ids))
+                job.wake.set()
             if gen.finish_reason is FinishReason.LENGTH and not planned:
                 report.warnings.append(f"clause {index} reached its {limit}-token cap without "
                                        "<|EOT|>")
             report.finish_reasons.append(gen.finish_reason.value if gen.finish_reason else "?")
-            st.finish()
-            while st.ready():
-                self._emit(await self._chunk(st, folder), sr, index, clause)
         except EngineError as err:
             raise SynthesisError(f"TTS-3B failed on clause {index}: {err}") from None
         finally:
             await gen.aclose()
+            job.st.finish()
+            job.generating = False
+            job.wake.set()
             report.flow_tokens += filt.kept
             report.skipped_ids += filt.skipped
             if filt.skipped:
                 log.info("tts: clause %d: %d non-audio ids skipped (e.g. %s)", index, filt.skipped,
                          filt.skipped_ids[:4])
+
+    async def _speak_all(self, queue: asyncio.Queue[_Clause | None]) -> None:
+        """Vocode the clauses in order, each chunk as soon as its tokens are there."""
+        while (job := await queue.get()) is not None:
+            sr = int(job.model.sample_rate)
+            while True:
+                job.wake.clear()
+                if job.st.ready():
+                    self._emit(await self._chunk(job.st, job.folder), sr, job.index, job.text)
+                elif job.generating:
+                    await job.wake.wait()
+                else:
+                    break
 
     async def _chunk(self, st: StreamingToken2Wav, folder: str) -> np.ndarray:
         if self._cancel.is_set():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepaudio.tts.estimator import BasicTransformerBlock, Block1D, ResnetBlock1D
-from stepaudio.tts.estimator_fast import FastEstimator, fast_estimator
+from stepaudio.tts.estimator_fast import FastEstimator, fast_estimator, group_norm_mish
 from stepaudio.tts.flow import cosine_t_span
 from stepaudio.tts.vocoder_work import Decode, Encode, PredictF0, Regulate, Request, Solve
 
@@ -53,8 +53,8 @@ def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, norm: nn.GroupNorm) -
 
 
 def _masked_block(block: Block1D, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    conv, norm, act = block.block
-    return act(masked_group_norm(conv(x * mask), mask, norm)) * mask
+    conv, norm, _ = block.block
+    return group_norm_mish(conv(x * mask), norm, mask)
 
 
 class MaskedEstimator(FastEstimator):

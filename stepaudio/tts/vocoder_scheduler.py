@@ -12,7 +12,9 @@ in the round it joins.
 
 Priorities: first chunks of replies go ahead of everything (someone is waiting in silence), then
 the earliest deadline (when that stream's listener would run out of audio). A stage runs at most
-``max_rows`` jobs; the rest keep their place for the next round. A job whose stream is cancelled
+``max_rows`` jobs; the rest keep their place for the next round. Jobs that arrive while a round
+encodes are let in once more just before its flow step (their encoding is cheap), so a new first
+chunk rarely waits a whole round. A job whose stream is cancelled
 (barge-in) is dropped before its next stage. Results are identical to running each chunk alone
 (the batch runner's masks), so scheduling changes when a chunk is computed, never what.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -70,11 +73,14 @@ class _Job:
 
 @dataclass
 class RoundStats:
-    """What one round ran (for metrics and benchmarks)."""
+    """What one round ran (for metrics and benchmarks). ``batch_seconds``: in the batched model
+    calls (with ``STEPAUDIO_VOCODER_SYNC=1`` the device is synchronised after each, so this is
+    device time and the rest of ``seconds`` host time: the streams' own work between calls)."""
 
     rows: dict[str, int]
     seconds: float
     waiting: int
+    batch_seconds: float = 0.0
 
 
 class VocoderScheduler:
@@ -100,6 +106,8 @@ class VocoderScheduler:
         self._name = name
         self._thread: threading.Thread | None = None
         self.rounds = 0
+        self._sync = os.environ.get("STEPAUDIO_VOCODER_SYNC") == "1"
+        self._batch_s = 0.0
 
     # -- client side ---------------------------------------------------------------------------
     def submit(self, runner: BatchRunner, work: ChunkWork, *, deadline: float, first: bool,
@@ -188,9 +196,13 @@ class VocoderScheduler:
 
     def _round(self) -> None:
         t0 = time.perf_counter()
+        self._batch_s = 0.0
         self._admit()
         rows: dict[str, int] = {}
-        for stage in STAGES:
+        for stage in (Encode, Regulate, None, *STAGES):
+            if stage is None:  # late arrivals: encode them too, then all go to the flow step
+                self._admit()
+                continue
             self._active = [j for j in self._active if not self._dropped(j)]
             ready = sorted((j for j in self._active if type(j.request) is stage), key=_Job.key)
             if not ready:
@@ -200,21 +212,27 @@ class VocoderScheduler:
                 by_runner.setdefault(id(job.runner), []).append(job)
             for jobs in by_runner.values():
                 self._run_batch(jobs)
-            rows[stage.__name__] = min(len(ready), self.max_rows)
+            rows[stage.__name__] = rows.get(stage.__name__, 0) + min(len(ready), self.max_rows)
         self.rounds += 1
         if self.on_round is not None and rows:
-            self.on_round(RoundStats(rows, time.perf_counter() - t0, len(self._active)))
+            self.on_round(RoundStats(rows, time.perf_counter() - t0, len(self._active),
+                                     self._batch_s))
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         runner = jobs[0].runner
+        t0 = time.perf_counter()
         try:
             results = runner.run([j.request for j in jobs])  # type: ignore[misc]
+            if self._sync and runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
         except Exception as exc:  # one failed batch ends its chunks, not the thread
             log.exception("vocoder batch of %d %s requests failed", len(jobs),
                           type(jobs[0].request).__name__)
             for job in jobs:
                 self._fail(job, exc)
             return
+        finally:
+            self._batch_s += time.perf_counter() - t0
         for job, result in zip(jobs, results, strict=True):
             self._advance(job, result)
 
