@@ -64,6 +64,7 @@ class _Job:
     cancelled: Callable[[], bool]
     future: concurrent.futures.Future[np.ndarray]
     order: int
+    then: Callable[[np.ndarray], None] | None = None
     request: Request | None = None
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -111,11 +112,16 @@ class VocoderScheduler:
 
     # -- client side ---------------------------------------------------------------------------
     def submit(self, runner: BatchRunner, work: ChunkWork, *, deadline: float, first: bool,
-               cancelled: Callable[[], bool]) -> concurrent.futures.Future[np.ndarray]:
+               cancelled: Callable[[], bool],
+               then: Callable[[np.ndarray], None] | None = None
+               ) -> concurrent.futures.Future[np.ndarray]:
         """Queue one chunk. ``deadline``: perf_counter time by which it should be done;
-        ``cancelled``: polled before each stage (the job is dropped once it says True)."""
+        ``cancelled``: polled before each stage (the job is dropped once it says True);
+        ``then(pcm)``: called on the vocoder thread as the chunk is done, before the future
+        resolves, so the stream's next chunk can be queued for the very next round without a
+        trip through the caller's event loop."""
         fut: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
-        job = _Job(runner, work, deadline, first, cancelled, fut, next(self._order))
+        job = _Job(runner, work, deadline, first, cancelled, fut, next(self._order), then)
         with self._cond:
             if self._closing:
                 raise RuntimeError("the vocoder scheduler is closed")
@@ -244,6 +250,11 @@ class VocoderScheduler:
             job.request = next(job.work) if start else job.work.send(result)  # type: ignore[arg-type]
         except StopIteration as stop:
             self._forget(job)
+            if job.then is not None:
+                try:
+                    job.then(stop.value)
+                except Exception:  # a follow-up that fails costs that stream its head start
+                    log.exception("vocoder follow-up failed")
             if not job.future.done():
                 job.future.set_result(stop.value)
             return
