@@ -145,6 +145,10 @@ class UserTurn:
     inserted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
                                            .create_future())
 
+    def __post_init__(self) -> None:
+        # A failed turn may have no reply waiting on it: its failure is still "retrieved".
+        self.inserted.add_done_callback(lambda f: f.cancelled() or f.exception())
+
 
 class Session:
     """One WebSocket connection (see the module docstring)."""
@@ -191,16 +195,23 @@ class Session:
         td = self.config.turn_detection
         return VADParams(threshold=td.threshold if td is not None else 0.5)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, *, awaited: bool = False) -> asyncio.Task[Any]:
+        """A task the session cancels when it closes. ``awaited``: its result (or failure)
+        belongs to whoever awaits it (a turn's tokens), so a failure is not logged here."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._awaited_done if awaited else self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("session task failed", exc_info=task.exception())
+
+    def _awaited_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an unawaited failure is not an asyncio warning
 
     @property
     def events_on(self) -> bool:
@@ -607,7 +618,7 @@ class Session:
         else:
             if not self.turn.is_open and self.config.turn_detection is not None:
                 self.turn.open(self.clock.audio_at(a.audio_start_ms))
-            tokens = self._spawn(self.turn.finish(end_audio))
+            tokens = self._spawn(self.turn.finish(end_audio), awaited=True)
             self.metrics.turns.labels("vad" if self.config.turn_detection else "manual").inc()
         self.buffer_start = a.audio_end_ms
         ut = UserTurn(item_id, prev, tokens)
@@ -720,7 +731,7 @@ class Session:
 
     def _start_speculation(self, a: ctl.StartSpeculation) -> None:
         end_audio = self.clock.audio_at(a.audio_end_ms)
-        tokens = self._spawn(self.turn.snapshot(end_audio))
+        tokens = self._spawn(self.turn.snapshot(end_audio), awaited=True)
         reply = Reply(self, a.response_id, self._settings(None), speculative=True, tokens=tokens,
                       user_item=self._turn_item(a.turn_id), pending_audio=True)
         reply.spec_end_ms = a.audio_end_ms
