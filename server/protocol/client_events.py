@@ -343,7 +343,7 @@ def _fast_append(obj: dict[str, Any], event_id: str | None
 
 
 def dialect_from_handshake(
-    headers: Mapping[str, str] | None = None,
+    headers: Any = None,
     subprotocols: Sequence[str] = (),
     query: Mapping[str, str] | None = None,
 ) -> Dialect:
@@ -351,17 +351,17 @@ def dialect_from_handshake(
 
     The beta SDK sends ``OpenAI-Beta: realtime=v1`` (browsers, which cannot set headers, offer the
     ``openai-beta.realtime-v1`` subprotocol); GA clients send neither. ``?dialect=beta|ga`` on the
-    URL overrides both, for hand-written clients.
+    URL overrides both, for hand-written clients. ``headers`` is a mapping or websockets'
+    ``Headers``, whose repeated lines (``OpenAI-Beta`` twice) are all read.
     """
     if query:
         forced = query.get("dialect")
         if forced in ("beta", "ga"):
             return forced  # type: ignore[return-value]
-    for key, value in (headers or {}).items():
+    pairs = headers.raw_items() if hasattr(headers, "raw_items") else (headers or {}).items()
+    for key, value in pairs:
         if key.lower() == "openai-beta" and "realtime=v1" in value.replace(" ", "").lower():
             return "beta"
     if any(p.lower() == "openai-beta.realtime-v1" for p in subprotocols):
         return "beta"
     return "ga"
-
-
