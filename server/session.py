@@ -99,6 +99,12 @@ BIG_MESSAGE = 256 * 1024
 MAX_REPLIES_KEPT = 32
 
 
+def _utf8_len(text: str | None) -> int:
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 @dataclass
 class SessionEnv:
     """What every session of a server shares."""
@@ -163,7 +169,9 @@ class Session:
         self.config = env.defaults.model_copy(update={"id": new_id("sess")})
         self.controller = Controller(ControllerConfig.from_session(self.config))
         self.context = ContextManager(instructions=self.config.instructions,
-                                      max_tokens=self.stages.chat.budget)
+                                      max_tokens=self.stages.chat.budget,
+                                      max_bytes=scfg.max_history_bytes)
+        self.max_item_bytes = min(scfg.max_item_bytes, scfg.max_send_queue_bytes // 4)
         self.clock = InputClock(scfg.stall_grace_ms)
         self.turn = TurnInput(self.stages.tokenizer)
         self.pump = self.stages.pump.client(self._vad_params(), self._on_pump)
@@ -281,6 +289,22 @@ class Session:
         for task in list(self.tasks):
             task.cancel()
         await self.outbox.aclose()
+        running = [r.task for r in self.replies.values() if not r.task.done()]
+        if running:  # their cleanup (closing the LLM stream and the TTS) is short
+            await asyncio.wait(running, timeout=5.0)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Let go of the conversation now. The session, its replies, its outbox and its pump
+        client point at each other, so without this a closed session's history (megabytes of
+        items) would wait for the cycle collector."""
+        self.context.clear()
+        self.items.clear()
+        self.replies.clear()
+        self.reply_by_item.clear()
+        self.user_turns.clear()
+        self.turn_items.clear()
+        self.next_response_params = None
 
     async def shutdown(self, grace_s: float) -> None:
         """Server shutdown: stop replies, let queued events out for a moment, then close 1001."""
@@ -444,6 +468,20 @@ class Session:
         if item.id in self.context:
             self.error(ProtocolError(code="invalid_value", param="item.id", event_id=ev.event_id,
                                      message=f"an item {item.id!r} already exists"))
+            return
+        size = sum(_utf8_len(p.text) + _utf8_len(p.transcript) for p in ev.item.content or [])
+        if size > self.max_item_bytes:
+            self.error(ProtocolError(
+                code="item_too_large", param="item.content", event_id=ev.event_id,
+                message=f"conversation.item.create: the item's text is {size} bytes, over this "
+                f"server's limit of {self.max_item_bytes} (server.max_item_bytes)"))
+            return
+        if not self.context.room_for(size):
+            self.error(ProtocolError(
+                code="conversation_full", param="item", event_id=ev.event_id,
+                message=f"conversation.item.create: the conversation holds {self.context.nbytes} "
+                f"bytes and this item would take it past {self.context.max_bytes} "
+                "(server.max_history_bytes); delete items (conversation.item.delete) first"))
             return
         audio_ids: list[int] = []
         for part in ev.item.content or []:

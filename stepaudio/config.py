@@ -305,6 +305,20 @@ class ServerConfig(_Section):
         description="Largest client message answered with an `error` (OpenAI allows 15 MiB of "
         "audio per append); a message over twice this closes the connection (1009).",
     )
+    max_item_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest text of one item a client creates (UTF-8 bytes of its text and "
+        "transcripts; also at most a quarter of max_send_queue_bytes, so its echoes always fit "
+        "the send queue); a bigger one is refused with `item_too_large`.",
+    )
+    max_history_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="History one session keeps (text as UTF-8, 4 bytes per audio token): an item "
+        "a client creates past it is refused with `conversation_full` (delete items to make "
+        "room); the server's own turns push the oldest items out instead.",
+    )
     max_send_queue_bytes: int = Field(
         4 * 1024 * 1024,
         ge=64 * 1024,
