@@ -44,6 +44,13 @@ def approx_token_count(text: str) -> int:
     return len(text)
 
 
+def utf8_len(text: str | None) -> int:
+    """Bytes of ``text`` in UTF-8 (without encoding the ASCII majority)."""
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _is_word_char(ch: str) -> bool:
     return ch.isascii() and ch.isalnum()
 
@@ -80,9 +87,7 @@ class Turn:
     def nbytes(self) -> int:
         """What this turn weighs for the history's byte cap: its text as UTF-8, 4 bytes per
         audio token."""
-        text = self.text or ""
-        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-        return size + 4 * len(self.audio_tokens or ())
+        return utf8_len(self.text) + 4 * len(self.audio_tokens or ())
 
     def offset_at(self, audio_ms: float) -> int:
         """How much of the text had been spoken after ``audio_ms`` of this turn's audio.

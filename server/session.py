@@ -29,7 +29,7 @@ import numpy as np
 
 from server import controller as ctl
 from server.clock import InputClock
-from server.context import ContextError, ContextManager
+from server.context import ContextError, ContextManager, utf8_len
 from server.controller import Controller, ControllerConfig
 from server.outbox import Outbox, Outgoing
 from server.protocol import (
@@ -97,12 +97,6 @@ LEAD_MS = 3 * FRAME_MS
 #: Parse messages larger than this in a thread (base64 and JSON of megabytes take milliseconds).
 BIG_MESSAGE = 256 * 1024
 MAX_REPLIES_KEPT = 32
-
-
-def _utf8_len(text: str | None) -> int:
-    if not text:
-        return 0
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass
@@ -469,7 +463,7 @@ class Session:
             self.error(ProtocolError(code="invalid_value", param="item.id", event_id=ev.event_id,
                                      message=f"an item {item.id!r} already exists"))
             return
-        size = sum(_utf8_len(p.text) + _utf8_len(p.transcript) for p in ev.item.content or [])
+        size = sum(utf8_len(p.text) + utf8_len(p.transcript) for p in ev.item.content or [])
         if size > self.max_item_bytes:
             self.error(ProtocolError(
                 code="item_too_large", param="item.content", event_id=ev.event_id,

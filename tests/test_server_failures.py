@@ -226,17 +226,25 @@ async def test_a_backend_failing_mid_reply_ends_the_spoken_reply(fragile, mode):
         await c.close()
 
 
-async def test_a_backend_reset_during_a_spoken_turn_ends_it_and_the_next_turn_works(
-        fragile, speech):
+@pytest.mark.parametrize("stage", ["backend", "tokenizer"])
+async def test_a_failure_during_a_spoken_turn_ends_it_and_the_next_turn_works(fragile, speech,
+                                                                              stage):
+    """The chat backend resets mid-reply, or the audio tokenizer fails on the user's speech."""
     c = await RealtimeClient.open(fragile.server.port)
     try:
         await c.send({"type": "session.update", "session": {
             "max_output_tokens": 6, "stepaudio": {"speculative": False}}})
         await c.wait_for("session.updated")
-        await fragile.fault(mode="reset", after=2, requests=1)
+        if stage == "backend":
+            await fragile.fault(mode="reset", after=2, requests=1)
+        fragile.tokenizer.failing = stage == "tokenizer"
         mark = len(c.events)
-        done = await turn(c, speech)
-        _assert_failed_truthfully(fragile, c, done, mark, "dropped the stream")
+        try:
+            done = await turn(c, speech)
+        finally:
+            fragile.tokenizer.failing = False
+        why = "dropped the stream" if stage == "backend" else "audio tokenizer crashed"
+        _assert_failed_truthfully(fragile, c, done, mark, why)
         done = await turn(c, speech)
         assert done["response"]["status"] in ("completed", "incomplete"), done
     finally:
@@ -260,25 +268,5 @@ async def test_a_tts_failure_mid_reply_ends_it_and_the_next_turn_works(fragile):
         _assert_failed_truthfully(fragile, c, done, mark, "vocoder crashed")
         assert _audio_ms(c, done["response"]["id"]) > 0
         await _next_turn_works(c)
-    finally:
-        await c.close()
-
-
-async def test_a_tokenizer_failure_ends_the_spoken_turn_and_the_next_turn_works(
-        fragile, speech):
-    c = await RealtimeClient.open(fragile.server.port)
-    try:
-        await c.send({"type": "session.update", "session": {
-            "max_output_tokens": 6, "stepaudio": {"speculative": False}}})
-        await c.wait_for("session.updated")
-        fragile.tokenizer.failing = True
-        mark = len(c.events)
-        try:
-            done = await turn(c, speech)
-        finally:
-            fragile.tokenizer.failing = False
-        _assert_failed_truthfully(fragile, c, done, mark, "audio tokenizer crashed")
-        done = await turn(c, speech)
-        assert done["response"]["status"] in ("completed", "incomplete"), done
     finally:
         await c.close()
