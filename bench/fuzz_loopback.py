@@ -200,11 +200,11 @@ async def session(url: str, gen: Generator, count: int, tally: Tally, headers: l
 
 async def run(url: str, args: argparse.Namespace) -> Tally:
     tally = Tally()
-    per = args.events // args.sessions
+    per, extra = divmod(args.events, args.sessions)
     duplicates = [[], [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2")],
                   [("Cookie", "a=1"), ("Cookie", "b=2")],
                   [("OpenAI-Beta", "realtime=v1"), ("OpenAI-Beta", "x=1")]]
-    await asyncio.gather(*(session(url, Generator(args.seed * 1000 + i), per, tally,
+    await asyncio.gather(*(session(url, Generator(args.seed * 1000 + i), per + (i < extra), tally,
                                    duplicates[i % len(duplicates)])
                            for i in range(args.sessions)))
     return tally
