@@ -236,10 +236,14 @@ class Server:
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
         if name.startswith("web/"):
             name = name[4:]
-        target = (folder / name).resolve() if name and ".." not in name else None
-        if target is not None and target.is_file() and folder.resolve() in target.parents \
-                and target.suffix in WEB_TYPES:
-            return http_response(HTTPStatus.OK, target.read_bytes(), WEB_TYPES[target.suffix])
+        try:
+            target = (folder / name).resolve() if name and ".." not in name else None
+            if target is not None and target.is_file() and folder.resolve() in target.parents \
+                    and target.suffix in WEB_TYPES:
+                return http_response(HTTPStatus.OK, target.read_bytes(),
+                                     WEB_TYPES[target.suffix])
+        except (OSError, ValueError):  # a path no file can have (a NUL, too long): not found
+            pass
         if name == "index.html":
             return http_response(HTTPStatus.OK, NOT_BUILT.encode(), WEB_TYPES[".html"])
         return text_response(HTTPStatus.NOT_FOUND, f"no such page: {path[:200]}\n")

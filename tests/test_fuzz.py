@@ -104,7 +104,8 @@ def gatekeeper(tiny_root: Path) -> Server:
 
 @FUZZ
 @given(st.lists(st.tuples(header_names, header_values), max_size=8),
-       st.sampled_from(["/v1/realtime", "/metrics", "/readyz", "/"]))
+       st.sampled_from(["/v1/realtime", "/metrics", "/readyz", "/"])
+       | header_values.map(lambda t: "/" + t))
 def test_any_handshake_headers_get_an_answer_not_an_exception(gatekeeper, headers, path):
     request = Request(path, Headers(headers))
     response = gatekeeper._process_request(None, request)  # type: ignore[arg-type]
