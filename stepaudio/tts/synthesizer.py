@@ -123,6 +123,11 @@ class SynthOptions:
     """Per-synthesizer settings (see :class:`StreamOptions` for the chunking)."""
 
     stream: StreamOptions = field(default_factory=StreamOptions)
+    #: Chunking when batched (a GPU serving many sessions): a 0.37 s first chunk, so the second
+    #: arrives before it has played even behind a whole round of other sessions' work, and
+    #: 2.2 s steady chunks (half the flow windows per second of speech).
+    batched_stream: StreamOptions = field(
+        default_factory=lambda: StreamOptions(first_frames=32, max_hop_frames=192))
     first_min_chars: int = 4
     soft_min_chars: int = 24
     max_clause_chars: int = 160
@@ -142,6 +147,12 @@ class SynthOptions:
 
 
 _END = object()
+
+
+def model_frames_per_token(flow: Any) -> float:
+    """Mel frames per flow token, as the flow's own length rule computes them."""
+    conf = flow.mel_feat_conf
+    return float(conf["sampling_rate"]) / float(conf["hop_size"]) / flow.input_frame_rate
 
 
 def later_clause_options(opts: StreamOptions) -> StreamOptions:
@@ -279,6 +290,10 @@ class Synthesizer:
         if self.on_round is not None:
             self.on_round(stats)
 
+    def stream_options(self) -> StreamOptions:
+        """How a clause is chunked: ``batched_stream`` when batching, else ``stream``."""
+        return self.options.batched_stream if self.batching else self.options.stream
+
     def runner(self, folder: str) -> BatchRunner:
         """The batch runner of one vocoder folder (CUDA graphs per batch shape on a GPU)."""
         with self._load_lock:
@@ -288,11 +303,16 @@ class Synthesizer:
         model = self.cosyvoice(folder)
         runner = BatchRunner(model.flow, model.hift, self.options.stream.n_timesteps)
         if self.options.cuda_graphs and torch.device(model.device).type == "cuda":
-            from stepaudio.tts.cuda_graphs import GraphedBatchDecode, GraphedBatchSolver
+            from stepaudio.tts.cuda_graphs import (
+                GraphedBatchDecode,
+                GraphedBatchEncoder,
+                GraphedBatchSolver,
+            )
 
             rows = self.options.max_batch_rows
             runner.solver = GraphedBatchSolver(runner, rows)
             runner.decoder = GraphedBatchDecode(model.hift, rows)
+            runner.encoder = GraphedBatchEncoder(runner, rows)
         with self._load_lock:
             return self._runners.setdefault(folder, runner)
 
@@ -306,7 +326,7 @@ class Synthesizer:
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) in self._warmed or not hasattr(runner.solver, "warm"):
             return 0
-        opt = self.options.stream
+        opt = self.stream_options()
         shapes = opt.schedule() + later_clause_options(opt).schedule()
         top = self.options.max_batch_rows
         rows = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
@@ -314,6 +334,10 @@ class Synthesizer:
         solver, decoder = runner.solver, runner.decoder
         n = solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
         n += decoder.warm(rows, {h for _, h in shapes} | {opt.hift_window_frames})  # type: ignore[attr-defined]
+        r = model_frames_per_token(runner.flow)
+        tokens = int(feats.prompt_token.shape[1])
+        most = int(opt.window_frames / r) + 4 + 2 * opt.token_margin
+        n += runner.encoder.warm(rows, range(tokens + 1, tokens + most + 1))  # type: ignore[attr-defined]
         self._warmed.add((folder, prompt))
         log.info("tts: %d batched vocoder graphs captured for a %d-frame prompt", n, prompt)
         return n
@@ -573,7 +597,7 @@ class SpeechStream:
         folder = vocoder_folder(clause)
         model = await asyncio.to_thread(synth.cosyvoice, folder)
         solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
-        opts = synth.options.stream
+        opts = synth.stream_options()
         if index > 0:  # the listener already has audio: later clauses start with a full hop
             opts = later_clause_options(opts)
         st = StreamingToken2Wav(model, feats, opts, seed=self.seed + index, solver=solver,
