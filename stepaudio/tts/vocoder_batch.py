@@ -95,15 +95,8 @@ class MaskedEstimator(FastEstimator):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         d = self.dec
-        dtype = d.final_proj.weight.dtype
-        mask = mask.to(dtype)
-        t = d.time_mlp(d.time_embeddings(t).to(t.dtype)).to(dtype)
-        parts = [x, mu]
-        if spks is not None:
-            parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        if cond is not None:
-            parts.append(cond)
-        x = torch.cat(parts, dim=1).to(dtype)
+        x, t = self._inputs(x, mu, t, spks, cond)
+        mask = mask.to(x.dtype)
         hiddens, masks = [], [mask]
         for resnet, transformers, downsample in d.down_blocks:
             m = masks[-1]
