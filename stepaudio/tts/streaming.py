@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,27 +41,21 @@ from stepaudio.tts.cosyvoice import CosyVoice
 from stepaudio.tts.hift import SourceDraws
 from stepaudio.tts.speakers import SpeakerFeatures
 from stepaudio.tts.vocoder_work import (
+    AloneRunner,
     ChunkWork,
     Decode,
+    DecodeFn,
     Encode,
+    EncodeFn,
     PredictF0,
     Regulate,
     Request,
     Solve,
+    Solver,
     interpolate_to,
     linear_interp_rows,
     run_now,
-    run_one,
 )
-
-#: (mu, mask, spks, cond, noise) → mel (1, 80, T): the estimator's 10 Euler steps (eager or a
-#: captured CUDA graph).
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                  torch.Tensor]
-#: HiFT's decode (mel, source) → wav, eager or captured.
-DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: The flow's token encoder: ids (1, n) → (1, n, 80) projected features, eager or captured.
-EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Token2WavModels(Protocol):
@@ -152,9 +146,7 @@ class UtteranceNoise:
         self.phase = phase
 
     def _gen(self, tag: tuple) -> torch.Generator:
-        words = [self.seed & 0xFFFFFFFF] + [hash_word(str(t)) for t in tag]
-        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return tagged_generator(self.seed, tag)
 
     def _randn(self, tag: tuple, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self._gen(tag))
@@ -196,6 +188,14 @@ class UtteranceNoise:
         noise = torch.cat([self.prompt, self.mel(0, mel_frames)], dim=1).unsqueeze(0)
         draws = SourceDraws(self.phase.clone(), self.source(0, mel_frames * self.spf).unsqueeze(0))
         return noise, draws
+
+
+def tagged_generator(seed: int, tag: tuple) -> torch.Generator:
+    """A CPU generator for one named draw of an utterance (seed and tag), independent of every
+    other draw, so draws can be made in any order and on any device."""
+    words = [seed & 0xFFFFFFFF] + [hash_word(str(t)) for t in tag]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def hash_word(text: str) -> int:
@@ -264,9 +264,7 @@ class StreamingToken2Wav:
         self.mel_len1 = int(speaker.prompt_feat.shape[1])
         self.noise = UtteranceNoise(seed, n_mels, self.hift.harmonics, self.spf, self.mel_len1)
         self._s.phase = np.zeros(self.hift.harmonics)
-        self._solver = solver or self._eager_solver
-        self._decode = decode or self.hift.decode
-        self._encode = encode or self._eager_encode
+        self._run_alone = AloneRunner(model, self.opt.n_timesteps, solver, decode, encode)
         conf = self.flow.mel_feat_conf
         # mel frames per token, exactly as the flow's own length rule computes it
         self.r = float(conf["sampling_rate"]) / float(conf["hop_size"]) / self.flow.input_frame_rate
@@ -366,33 +364,6 @@ class StreamingToken2Wav:
         s.chunks += 1
         self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_left_frames) - 1))
         return wav
-
-    def _run_alone(self, request: Request) -> torch.Tensor:
-        """One request through this stream's own callables (eager, or captured graphs)."""
-        if isinstance(request, Encode):
-            return self._encode(request.ids[None])[0]
-        if isinstance(request, Solve):
-            mu = request.mu[None]
-            mask = torch.ones(1, 1, mu.shape[-1], device=mu.device, dtype=mu.dtype)
-            return self._solver(mu, mask, request.spks[None], request.cond[None],
-                                request.noise[None])[0]
-        if isinstance(request, Decode):
-            return self._decode(request.mel[None], request.source.view(1, 1, -1))[0]
-        return run_one(self.model, request, self.opt.n_timesteps)
-
-    def _eager_solver(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-                      cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The CFM sampler with the fewer-op estimator: a window is never padded, so its mask
-        is all ones (same arithmetic; ~15% fewer ops, which is what a small model pays for)."""
-        from stepaudio.tts.estimator_fast import fast_estimator, solve_full_mask
-
-        cfm = self.flow.decoder
-        return solve_full_mask(cfm, fast_estimator(cfm.estimator), mu, mask, self.opt.n_timesteps,
-                               spks, cond, noise)
-
-    def _eager_encode(self, ids: torch.Tensor) -> torch.Tensor:
-        flow = self.flow
-        return flow.encoder_proj(flow.encoder(flow.input_embedding(torch.clamp(ids, min=0))))
 
     def _flow_window(self, j0: int, j1: int, whole: bool
                      ) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, tuple[int, int]]]:
