@@ -563,7 +563,7 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
 
 
 def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
-    from stepaudio.tts.synthesizer import Synthesizer
+    from stepaudio.tts.synthesizer import Synthesizer, SynthOptions
 
     device = cfg.tts.device
     lm_dtype = cfg.tts.lm_dtype
@@ -579,8 +579,9 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
                            served_model_name=cfg.tts.served_model_name,
                            api_key_env=cfg.tts.api_key_env)
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
+    options = SynthOptions(streaming=cfg.tts.streaming_mode(cfg.models.profile))
     synth = Synthesizer.from_model_root(root, device=device, lm_dtype=lm_dtype, engine=engine,
-                                        speakers_dir=cfg.tts.speakers_dir)
+                                        speakers_dir=cfg.tts.speakers_dir, options=options)
     synth._tokenizer = tokenizer  # share the loaded audio tokenizer (voice cloning uses it)
     return synth
 

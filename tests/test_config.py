@@ -47,3 +47,15 @@ def test_real_profile_needs_a_root():
     cfg = config_from_dict({"models": {"profile": "real"}})
     with pytest.raises(ConfigError, match="models.root"):
         cfg.models.resolved_root()
+
+
+def test_streaming_defaults_to_cosyvoices_recipe_for_the_real_checkpoints_only():
+    from stepaudio.config import config_from_dict
+
+    real = config_from_dict({"models": {"profile": "real", "root": "/srv/x"}})
+    assert real.tts.streaming == "auto" and real.tts.streaming_mode("real") == "cosyvoice"
+    assert load_config(None).tts.streaming_mode("tiny") == "low-latency"
+    chosen = config_from_dict({"tts": {"streaming": "low-latency"}})
+    assert chosen.tts.streaming_mode("real") == "low-latency"
+    with pytest.raises(ConfigError, match="tts.streaming"):
+        config_from_dict({"tts": {"streaming": "fast"}})

@@ -222,3 +222,57 @@ def test_options_that_break_the_recipe_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         _windows(**kw)
 
+
+# --- through the synthesizer --------------------------------------------------------------------
+
+
+class _Forced:
+    """TTS engine wrapper: every clause writes exactly ``n`` tokens (the tiny model's <|EOT|> is
+    random), so a clause spans several CosyVoice hops."""
+
+    def __init__(self, engine, n: int) -> None:
+        self.engine, self.n = engine, n
+        self.name, self.tokenizer = engine.name, engine.tokenizer
+        self.max_model_len = engine.max_model_len
+
+    def generate(self, prompt, params=None, *, request_id=None):
+        params = params.replace(max_new_tokens=self.n, stop_token_ids=())
+        return self.engine.generate(prompt, params, request_id=request_id)
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+
+def test_auto_mode_is_low_latency_on_tiny_checkpoints_and_the_recipe_elsewhere(tiny_root, tmp_path):
+    from stepaudio.tts.stream_modes import resolve_mode
+
+    assert resolve_mode("auto", tiny_root) == "low-latency"
+    assert resolve_mode("auto", tmp_path) == resolve_mode("auto") == "cosyvoice"
+    assert resolve_mode("low-latency", tmp_path) == "low-latency"
+    with pytest.raises(ValueError, match="streaming mode"):
+        resolve_mode("fastest")
+
+
+async def test_synthesizer_in_cosyvoice_mode_streams_each_clause_by_the_recipes_plan(tiny_root):
+    from stepaudio.tts.synthesizer import Synthesizer, SynthOptions
+
+    synth = Synthesizer.from_model_root(tiny_root, options=SynthOptions(streaming="cosyvoice"))
+    try:
+        assert synth.streaming == "cosyvoice"
+        synth.engine = _Forced(synth.engine, 200)
+        wav, report = await synth.synthesize("你好。我们走吧！", synth.voice("Tingting"), seed=1)
+    finally:
+        await synth.aclose()
+    model = synth.cosyvoice(VOCODER_FOLDER)
+    windows = CosyVoiceWindows.for_models(model.flow, model.hift)
+    clauses: list[list] = []
+    for c in report.chunks:  # each clause's chunks start again at token 0
+        if c.tokens[0] == 0:
+            clauses.append([])
+        clauses[-1].append((c.tokens[0], c.tokens[1], c.final))
+    assert len(clauses) == 2
+    for ranges in clauses:  # 200 ids each, less any non-audio id the filter dropped
+        n = ranges[-1][1]
+        assert 186 < n <= 200 and ranges == [(c.start, c.end, c.final) for c in windows.plan(n)]
+    frames = sum(windows.emitted_frames(c) for r in clauses for c in windows.plan(r[-1][1]))
+    assert len(wav) == frames * 256

@@ -4,7 +4,8 @@ float32 PCM chunks, cancellable between chunks.
 Shape of one reply (a :class:`SpeechStream`)::
 
     text deltas → ClauseSplitter → clause → TTS-3B (engine) → <audio_N> ids → flow tokens
-        → StreamingToken2Wav (flow windows, HiFT) → AudioChunk, AudioChunk, …
+        → streaming token → wav (stream_modes: CosyVoice's recipe or the low-latency windows;
+          flow, HiFT) → AudioChunk, AudioChunk, …
 
 Clauses are spoken one after another, each its own TTS-3B request, so the first clause's audio
 starts while the LLM is still writing the second. Heavy work runs off the event loop: TTS-3B in
@@ -58,7 +59,9 @@ from stepaudio.tts.speakers import (
     check_prompt_audio,
     compute_features,
 )
-from stepaudio.tts.streaming import ChunkStats, StreamingToken2Wav, StreamOptions
+from stepaudio.tts.stream_modes import Token2WavStream, open_token2wav, resolve_mode, window_shapes
+from stepaudio.tts.streaming import ChunkStats, StreamOptions
+from stepaudio.tts.streaming_cosyvoice import CosyVoiceStreamOptions
 from stepaudio.tts.text import ClauseSplitter
 
 log = logging.getLogger(__name__)
@@ -114,9 +117,13 @@ class SynthesisReport:
 
 @dataclass(frozen=True)
 class SynthOptions:
-    """Per-synthesizer settings (see :class:`StreamOptions` for the chunking)."""
+    """Per-synthesizer settings. ``streaming``: ``cosyvoice``, ``low-latency`` or ``auto``
+    (see :mod:`stepaudio.tts.stream_modes`); ``stream`` and ``cosyvoice`` are the two modes'
+    chunking."""
 
+    streaming: str = "auto"
     stream: StreamOptions = field(default_factory=StreamOptions)
+    cosyvoice: CosyVoiceStreamOptions = field(default_factory=CosyVoiceStreamOptions)
     first_min_chars: int = 4
     soft_min_chars: int = 24
     max_clause_chars: int = 160
@@ -138,11 +145,13 @@ class Synthesizer:
 
     def __init__(self, engine: Engine, cosyvoice: Callable[[str], Any],
                  speakers: SpeakerRegistry, tokenizer: Callable[[], Any] | None = None,
-                 options: SynthOptions | None = None, owns_engine: bool = False) -> None:
+                 options: SynthOptions | None = None, owns_engine: bool = False,
+                 model_root: Path | None = None) -> None:
         self.engine = engine
         self.owns_engine = owns_engine  # close it with the synthesizer (we built it)
         self.speakers = speakers
         self.options = options or SynthOptions()
+        self.streaming = resolve_mode(self.options.streaming, model_root)
         self._make_cosyvoice = cosyvoice
         self._make_tokenizer = tokenizer
         self._models: dict[str, Any] = {}
@@ -186,7 +195,7 @@ class Synthesizer:
             return StepAudioTokenizer(paths.tokenizer)
 
         return cls(engine, load_cosyvoice, SpeakerRegistry.from_dir(folder), load_tokenizer,
-                   options, owns_engine=owns)
+                   options, owns_engine=owns, model_root=Path(root))
 
     def cosyvoice(self, folder: str) -> Any:
         with self._load_lock:
@@ -209,9 +218,11 @@ class Synthesizer:
         solver, decode, encode = self._graphs[folder]
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) not in self._warmed:
-            shapes = self.options.stream.schedule()
-            solver.warm(prompt, [f for f, _ in shapes] + [self.options.stream.window_frames])
-            decode.warm(h for _, h in shapes)
+            flow_frames, hift_frames = window_shapes(self.streaming, model,
+                                                     low_latency=self.options.stream,
+                                                     cosyvoice=self.options.cosyvoice)
+            solver.warm(prompt, flow_frames)
+            decode.warm(hift_frames)
             self._warmed.add((folder, prompt))
         return solver, decode, encode
 
@@ -419,8 +430,9 @@ class SpeechStream:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
                                      in_process_rule=getattr(engine, "name", "") == "transformers")
-        st = StreamingToken2Wav(model, feats, synth.options.stream, seed=self.seed + index,
-                                solver=solver, decode=decode, encode=encode)
+        st = open_token2wav(synth.streaming, model, feats, low_latency=synth.options.stream,
+                            cosyvoice=synth.options.cosyvoice, seed=self.seed + index,
+                            solver=solver, decode=decode, encode=encode)
         filt = AudioTokenFilter()
         sr = int(model.sample_rate)
         try:
@@ -449,7 +461,7 @@ class SpeechStream:
                 log.info("tts: clause %d: %d non-audio ids skipped (e.g. %s)", index, filt.skipped,
                          filt.skipped_ids[:4])
 
-    async def _chunk(self, st: StreamingToken2Wav) -> np.ndarray:
+    async def _chunk(self, st: Token2WavStream) -> np.ndarray:
         if self._cancel.is_set():
             raise asyncio.CancelledError
         wav = await self.synth.run_model(st.next_chunk)
