@@ -40,6 +40,7 @@ from stepaudio.errors import ModelError
 from stepaudio.tts.cosyvoice import CosyVoice
 from stepaudio.tts.hift import SourceDraws
 from stepaudio.tts.speakers import SpeakerFeatures
+from stepaudio.tts.token_feed import TokenFeed
 from stepaudio.tts.vocoder_work import (
     AloneRunner,
     ChunkWork,
@@ -237,7 +238,7 @@ class _State:
     phase: np.ndarray | None = None  # per-harmonic phase (cycles) at sample committed·spf
 
 
-class StreamingToken2Wav:
+class StreamingToken2Wav(TokenFeed):
     """One utterance: ``push(flow tokens)``, ``finish()``; each ``next_chunk()`` computes one chunk.
 
     Not thread-safe; one utterance is driven by one caller. ``ready()`` says whether a chunk can
@@ -247,6 +248,7 @@ class StreamingToken2Wav:
     def __init__(self, model: Token2WavModels, speaker: SpeakerFeatures,
                  options: StreamOptions | None = None, seed: int = 0, solver: Solver | None = None,
                  decode: DecodeFn | None = None, encode: EncodeFn | None = None) -> None:
+        super().__init__()
         self.model = model
         self.flow = model.flow
         self.hift = model.hift
@@ -255,8 +257,6 @@ class StreamingToken2Wav:
         self.device = model.device
         self.dtype = self.flow.dtype
         self.spf = self.hift.samples_per_frame()
-        self.tokens: list[int] = []
-        self.finished = False
         self.stats: list[ChunkStats] = []
         self._s = _State()
         n_mels = self.flow.output_size
@@ -273,21 +273,6 @@ class StreamingToken2Wav:
             emb = speaker.embedding.to(self.device, self.dtype)
             self._spks = self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1))
         self._prompt_feat = speaker.prompt_feat.to(self.device)
-
-    # -- feeding -------------------------------------------------------------------------------
-    def push(self, tokens: Sequence[int]) -> None:
-        """Append flow tokens (0 … vocab-1)."""
-        if self.finished:
-            raise ModelError("streaming token2wav: push() after finish()")
-        for t in tokens:
-            t = int(t)
-            if not 0 <= t < self.flow.vocab_size:
-                raise ModelError(f"flow token {t} outside 0..{self.flow.vocab_size - 1}")
-            self.tokens.append(t)
-
-    def finish(self) -> None:
-        """No more tokens: the remaining frames go out in the next one or two chunks."""
-        self.finished = True
 
     @property
     def total_frames(self) -> int:
@@ -456,13 +441,6 @@ class StreamingToken2Wav:
         s.wav_tail = None if final else wav[end: end + opt.wav_xfade].clone()
         s.phase = (s.phase + cycles_per_hz * f0_np[left: commit - h0].sum()) % 1.0
         return out.numpy()
-
-    def drain(self) -> list[np.ndarray]:
-        """Every chunk that is ready now (no cancellation points: for offline use and tests)."""
-        out = []
-        while self.ready():
-            out.append(self.next_chunk())
-        return out
 
 
 def offline_wav(model: CosyVoice, speaker: SpeakerFeatures, tokens: Sequence[int], seed: int = 0,

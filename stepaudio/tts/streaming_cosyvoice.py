@@ -48,6 +48,7 @@ from stepaudio.errors import ModelError
 from stepaudio.tts.hift import SourceDraws
 from stepaudio.tts.speakers import SpeakerFeatures
 from stepaudio.tts.streaming import ChunkStats, Token2WavModels, tagged_generator
+from stepaudio.tts.token_feed import TokenFeed
 from stepaudio.tts.vocoder_work import (
     AloneRunner,
     ChunkWork,
@@ -262,7 +263,7 @@ class _Carry:
     speech: torch.Tensor  # (mel_cache · spf,) audio held back, faded into the next chunk
 
 
-class CosyVoiceToken2Wav:
+class CosyVoiceToken2Wav(TokenFeed):
     """One utterance by CosyVoice's recipe: ``push(flow tokens)``, ``finish()``; each
     ``next_chunk()`` computes one chunk (``chunk_work()`` as model requests). Same interface as
     :class:`~stepaudio.tts.streaming.StreamingToken2Wav`; not thread-safe."""
@@ -271,6 +272,7 @@ class CosyVoiceToken2Wav:
                  options: CosyVoiceStreamOptions | None = None, seed: int = 0,
                  solver: Solver | None = None, decode: DecodeFn | None = None,
                  encode: EncodeFn | None = None, draws: ChunkDraws | None = None) -> None:
+        super().__init__()
         self.model = model
         self.flow = model.flow
         self.hift = model.hift
@@ -281,8 +283,6 @@ class CosyVoiceToken2Wav:
         self.dtype = self.flow.dtype
         self.spf = self.win.samples_per_frame
         self.draws: ChunkDraws = draws or SeededDraws(seed)
-        self.tokens: list[int] = []
-        self.finished = False
         self.stats: list[ChunkStats] = []
         self._run_alone = AloneRunner(model, self.opt.n_timesteps, solver, decode, encode)
         self._start = 0  # first token of the next chunk
@@ -298,21 +298,6 @@ class CosyVoiceToken2Wav:
             emb = speaker.embedding.to(self.device, self.dtype)
             self._spks = self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1))[0]
         self._prompt_feat = speaker.prompt_feat[0].transpose(0, 1).to(self.device, self.dtype)
-
-    # -- feeding -------------------------------------------------------------------------------
-    def push(self, tokens: Sequence[int]) -> None:
-        """Append flow tokens (0 … vocab-1)."""
-        if self.finished:
-            raise ModelError("streaming token2wav: push() after finish()")
-        for t in tokens:
-            t = int(t)
-            if not 0 <= t < self.flow.vocab_size:
-                raise ModelError(f"flow token {t} outside 0..{self.flow.vocab_size - 1}")
-            self.tokens.append(t)
-
-    def finish(self) -> None:
-        """No more tokens: what is left goes out in the next chunks, the last one whole."""
-        self.finished = True
 
     @property
     def total_frames(self) -> int:
@@ -420,10 +405,3 @@ class CosyVoiceToken2Wav:
         carry = _Carry(held, mel[:, -win.mel_cache:].clone(), source[-keep:].clone(),
                        wav[-keep:].clone())
         return wav[:-keep], carry, mel.shape[1]
-
-    def drain(self) -> list[np.ndarray]:
-        """Every chunk that is ready now (no cancellation points: for offline use and tests)."""
-        out = []
-        while self.ready():
-            out.append(self.next_chunk())
-        return out
