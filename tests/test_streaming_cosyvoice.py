@@ -253,6 +253,21 @@ def test_auto_mode_is_low_latency_on_tiny_checkpoints_and_the_recipe_elsewhere(t
         resolve_mode("fastest")
 
 
+def test_each_mode_opens_its_stream_and_names_its_window_shapes_for_graphs(tiny_cv):
+    from stepaudio.tts.stream_modes import open_token2wav, window_shapes
+    from stepaudio.tts.streaming import StreamingToken2Wav, StreamOptions
+
+    _, speaker = _case("short")
+    kw = {"low_latency": StreamOptions(), "cosyvoice": CosyVoiceStreamOptions()}
+    assert isinstance(open_token2wav("cosyvoice", tiny_cv, speaker, seed=1, **kw),
+                      CosyVoiceToken2Wav)
+    assert isinstance(open_token2wav("low-latency", tiny_cv, speaker, seed=1, **kw),
+                      StreamingToken2Wav)
+    assert window_shapes("cosyvoice", tiny_cv, **kw) == ([212], [171, 191])
+    flow, hift = window_shapes("low-latency", tiny_cv, **kw)
+    assert flow[-1] == StreamOptions().window_frames and hift[0] == StreamOptions().first_frames + 8
+
+
 async def test_synthesizer_in_cosyvoice_mode_streams_each_clause_by_the_recipes_plan(tiny_root):
     from stepaudio.tts.synthesizer import Synthesizer, SynthOptions
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -120,18 +120,19 @@ class CosyVoiceWindows:
     hop_size: float
 
     @classmethod
-    def for_models(cls, flow: object, hift: object,
+    def for_models(cls, flow: Any, hift: Any,
                    options: CosyVoiceStreamOptions | None = None) -> CosyVoiceWindows:
+        """The sizes for this flow (its yaml's token rate and mel settings) and HiFT."""
         opt = options or CosyVoiceStreamOptions()
-        conf = flow.mel_feat_conf  # type: ignore[attr-defined]
-        rate = float(flow.input_frame_rate)  # type: ignore[attr-defined]
+        conf = flow.mel_feat_conf
+        rate = float(flow.input_frame_rate)
         sr, hop = float(conf["sampling_rate"]), float(conf["hop_size"])
         min_hop = int(opt.min_hop_seconds * rate)
         win = cls(
             min_hop=min_hop, max_hop=max(min_hop, int(opt.max_hop_seconds * rate)),
             scale=opt.stream_scale_factor, overlap=opt.overlap_tokens,
             mel_overlap=int(opt.overlap_tokens / rate * sr / hop), mel_cache=opt.mel_cache_frames,
-            samples_per_frame=int(hift.samples_per_frame()),  # type: ignore[attr-defined]
+            samples_per_frame=int(hift.samples_per_frame()),
             input_frame_rate=rate, sampling_rate=sr, hop_size=hop)
         if min_hop < 1:
             raise ValueError(f"min_hop_seconds gives {min_hop} tokens at {rate:g} a second")
