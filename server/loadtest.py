@@ -17,6 +17,12 @@ and splits it with the server's own ``stepaudio.timings`` and ``speech_stopped``
 - ``overhead`` = latency − silence wait − model: the server's own cost (event loop, thread hops,
   JSON, encoding, the socket) plus loopback transport and the client's receive.
 
+and plays each reply as a player with no jitter buffer would: playback starts when the first
+audio arrives and runs at real time; an audio delta that arrives after everything before it has
+been played is an *underrun* (the listener hears a gap of that length). Replies interrupted by
+the next turn stop counting at the interruption. ``commit → first audio`` is the time from the
+server's ``input_audio_buffer.committed`` to the first audio of the reply.
+
 The server's event-loop lag comes from its ``/metrics`` (histogram difference over the run), its
 CPU from ``/proc``. With ``--spawn`` (the default when no ``--url`` is given) a fresh server is
 started per run from ``--config``, optionally with the ``zero-cost stages`` instrument (stand-ins
@@ -106,6 +112,10 @@ def build_plan(wav_path: Path, turns: int, gap_s: float, lead_s: float,
 class SessionLog:
     t_end: dict[int, float] = field(default_factory=dict)  # turn -> wall time last speech sent
     first_audio: list[tuple[float, str]] = field(default_factory=list)  # (t, response id)
+    #: response id -> [(arrival time, seconds of audio)] until the reply ended or was interrupted
+    audio: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    closed: set[str] = field(default_factory=set)  # replies done or interrupted
+    committed: list[float] = field(default_factory=list)
     stopped: list[tuple[float, int]] = field(default_factory=list)  # (t, audio_end_ms)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     speculative: dict[str, bool] = field(default_factory=dict)
@@ -131,6 +141,19 @@ async def _receive(ws: Any, log: SessionLog) -> None:
                 if resp not in log.seen:
                     log.seen.add(resp)
                     log.first_audio.append((t, resp))
+                if resp not in log.closed:
+                    log.audio.setdefault(resp, []).append((t, _delta_seconds(raw)))
+                continue
+            if etype == "input_audio_buffer.committed":
+                log.committed.append(t)
+                continue
+            if etype == "input_audio_buffer.speech_started":  # a barge-in ends the playback
+                log.closed.update(log.audio)
+                continue
+            if etype == "response.done":
+                rid = re.search(r'"id":"([^"]+)"', raw[raw.find('"response"'):][:300])
+                if rid:
+                    log.closed.add(rid.group(1))
                 continue
             if etype in ("stepaudio.timings", "input_audio_buffer.speech_stopped", "error"):
                 ev = json.loads(raw)
@@ -143,6 +166,37 @@ async def _receive(ws: Any, log: SessionLog) -> None:
                     log.stopped.append((t, int(ev["audio_end_ms"])))
     except ConnectionClosed:
         pass
+
+
+_DELTA = re.compile(r'"delta":\s*"')
+
+
+def _delta_seconds(raw: str) -> float:
+    """Seconds of pcm16 24 kHz audio in an audio delta, from its base64 length alone."""
+    m = _DELTA.search(raw)
+    if m is None:
+        return 0.0
+    i = m.end()
+    j = raw.find('"', i)
+    pad = raw.count("=", max(i, j - 2), j)
+    return ((j - i) * 3 // 4 - pad) / 2 / RATE
+
+
+def underruns(arrivals: list[tuple[float, float]], prebuffer_s: float = 0.0
+              ) -> tuple[int, float]:
+    """(gaps, seconds of silence) a real-time player hears for one reply's audio deltas,
+    playback starting ``prebuffer_s`` after the first one arrives."""
+    if not arrivals:
+        return 0, 0.0
+    end = arrivals[0][0] + prebuffer_s
+    gaps, silent = 0, 0.0
+    for t, dur in arrivals:
+        if t > end + 1e-4:
+            gaps += 1
+            silent += t - end
+            end = t
+        end += dur
+    return gaps, silent
 
 
 async def run_session(url: str, plan: Plan, delay: float, session: dict[str, Any],
@@ -202,7 +256,28 @@ def summary(xs: list[float]) -> dict[str, float | int | None]:
 
 def analyse(logs: list[SessionLog], plan: Plan) -> dict[str, Any]:
     lat, wait, model, over, srv_over, saved = [], [], [], [], [], []
+    commit_first, tts_first, gaps_ms = [], [], []
     answered = committed = 0
+    playback: dict[str, Any] = {}
+    for prebuffer in (0.0, 0.1):
+        n_gaps, silent, replies, hit = 0, 0.0, 0, 0
+        for log in logs:
+            for arrivals in log.audio.values():
+                g, sec = underruns(arrivals, prebuffer)
+                n_gaps, silent, replies, hit = n_gaps + g, silent + sec, replies + 1, hit + (g > 0)
+                if prebuffer == 0.0 and g:
+                    gaps_ms.append(1000.0 * sec)
+        playback[f"prebuffer_{int(prebuffer * 1000)}ms"] = {
+            "replies": replies, "replies_with_underrun": hit, "underruns": n_gaps,
+            "underrun_ms": round(1000.0 * silent, 1)}
+    for log in logs:
+        for t, _ in log.first_audio:
+            before = [c for c in log.committed if c <= t]
+            if before:
+                commit_first.append((t - before[-1]) * 1000.0)
+        for tm in log.timings.values():
+            if tm.get("tts_request_to_first_audio") is not None:
+                tts_first.append(tm["tts_request_to_first_audio"])
     for log in logs:
         ends = [log.t_end.get(k) for k in range(plan.turns)]
         for k in range(plan.turns):
@@ -239,6 +314,10 @@ def analyse(logs: list[SessionLog], plan: Plan) -> dict[str, Any]:
         "overhead_ms": summary(over),
         "server_overhead_ms": summary(srv_over),
         "speculation_saved_ms": summary(saved),
+        "commit_to_first_audio_ms": summary(commit_first),
+        "tts_request_to_first_audio_ms": summary(tts_first),
+        "playback": playback,
+        "underrun_ms_per_affected_reply": summary(gaps_ms),
         "client_late_frames": sum(lg.late_frames for lg in logs),
         "client_send_lag_max_ms": 1000.0 * max((lg.max_send_lag for lg in logs), default=0.0),
         "errors": sorted({e for lg in logs for e in lg.errors}),

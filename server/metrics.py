@@ -70,6 +70,16 @@ class Metrics:
         self.vad_batch = Histogram(
             "stepaudio_vad_batch_sessions", "Sessions in one VAD pump cycle.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.vocoder_rows = Histogram(
+            "stepaudio_vocoder_rows", "Sessions' windows in one batched flow call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.vocoder_batch_seconds = Counter(
+            "stepaudio_vocoder_batch_seconds", "Time in the batched vocoder's model calls.",
+            registry=r)
+        self.vocoder_round = Histogram(
+            "stepaudio_vocoder_round_seconds",
+            "One round of the batched vocoder (every stage once, all sessions).",
+            buckets=FAST_BUCKETS, registry=r)
         self.errors = Counter("stepaudio_errors", "error events sent, by code.", ["code"],
                               registry=r)
         self.send_queue_bytes = Gauge(

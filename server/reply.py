@@ -435,6 +435,9 @@ class Reply:
             "tts_first_audio": ms(t.tts_start, t.tts_first),
             "tts_total": ms(t.tts_start, t.tts_end),
         }
+        report = getattr(self._tts, "report", None)  # the synthesizer's own clock
+        if report is not None and getattr(report, "first_request_at", None) is not None:
+            out["tts_request_to_first_audio"] = ms(report.first_request_at, report.first_chunk_at)
         if t.end_of_turn is not None and t.first_sent is not None:
             after = (t.first_sent - t.end_of_turn) * 1000.0
             model = self.model_critical_ms()

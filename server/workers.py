@@ -409,6 +409,14 @@ class SpeechStage:
         self.metrics = metrics
         self.name = name
         self._encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepaudio-enc")
+        if hasattr(synth, "on_round"):  # the batched vocoder reports each round
+            synth.on_round = self._round
+
+    def _round(self, stats: Any) -> None:
+        if "Solve" in stats.rows:
+            self.metrics.vocoder_rows.observe(stats.rows["Solve"])
+        self.metrics.vocoder_round.observe(stats.seconds)
+        self.metrics.vocoder_batch_seconds.inc(stats.batch_seconds)
 
     def check_voice(self, speaker: str) -> str | None:
         """None if the speaker exists, else a message naming the known ones."""
@@ -535,6 +543,10 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
         from server.zero_cost import zero_cost_stages
 
         return zero_cost_stages(cfg, root, metrics)
+    if cfg.models.profile == "random":
+        from server.random_profile import random_stages
+
+        return random_stages(cfg, metrics)
     from stepaudio.llm.engine import make_engine
     from stepaudio.models import model_paths
     from stepaudio.tokenizer import StepAudioTokenizer
@@ -542,7 +554,13 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
     paths = model_paths(root)
     tok = StepAudioTokenizer.from_config(paths.tokenizer, cfg.tokenizer)
     tokenizer = TokenizerStage(lambda: tok.open_stream(), metrics, cfg.server.tokenizer_threads)
-    engine = make_engine(cfg.llm, paths.chat)
+    if cfg.llm.engine == "stand-in":
+        from server.random_profile import stand_in_chat
+        from stepaudio.llm.tokenizer import load_text_tokenizer
+
+        engine = stand_in_chat(cfg, load_text_tokenizer(paths.chat))
+    else:
+        engine = make_engine(cfg.llm, paths.chat)
     chat = ChatStage(
         engine,
         metrics,
@@ -563,7 +581,7 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
 
 
 def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
-    from stepaudio.tts.synthesizer import Synthesizer, SynthOptions
+    from stepaudio.tts.synthesizer import Synthesizer
 
     device = cfg.tts.device
     lm_dtype = cfg.tts.lm_dtype
@@ -579,11 +597,27 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
                            served_model_name=cfg.tts.served_model_name,
                            api_key_env=cfg.tts.api_key_env)
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
-    options = SynthOptions(streaming=cfg.tts.streaming_mode(cfg.models.profile))
     synth = Synthesizer.from_model_root(root, device=device, lm_dtype=lm_dtype, engine=engine,
-                                        speakers_dir=cfg.tts.speakers_dir, options=options)
+                                        speakers_dir=cfg.tts.speakers_dir,
+                                        options=synth_options(cfg.tts, cfg.models.profile),
+                                        engine_options=tts_engine_options(cfg.tts))
     synth._tokenizer = tokenizer  # share the loaded audio tokenizer (voice cloning uses it)
     return synth
+
+
+def synth_options(tts: Any, profile: str) -> Any:
+    """The synthesizer's options from the ``tts`` config section (and the models profile, which
+    picks the streaming mode ``auto`` stands for)."""
+    from stepaudio.tts.synthesizer import SynthOptions
+
+    batching = {"auto": None, "on": True, "off": False}[tts.batching]
+    return SynthOptions(streaming=tts.streaming_mode(profile), batching=batching,
+                        max_batch_rows=tts.max_batch_rows)
+
+
+def tts_engine_options(tts: Any) -> dict[str, Any]:
+    """In-process TTS-3B engine settings from the ``tts`` config section."""
+    return {"max_batch": tts.max_batch, "max_len": tts.max_len, "prefix_slots": tts.prefix_slots}
 
 
 def new_seed() -> int:

@@ -220,13 +220,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.host = args.host
     if args.port:
         cfg.server.port = args.port
-    if cfg.models.profile == "tiny":
+    if cfg.models.profile == "random":  # built in memory: no folder to check
+        print("stepaudio: random profile: speech models at their published shapes with random "
+              "weights; the voices are noise", file=sys.stderr)
+        root = Path()
+    elif cfg.models.profile == "tiny":
         root = ensure_tiny_models(
             cfg.models.resolved_root(), seed=cfg.models.seed, progress=_progress_printer(False)
         )
     else:
         root = cfg.models.resolved_root()
-    problems = check_model_root(root)
+    problems = [] if cfg.models.profile == "random" else check_model_root(root)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)

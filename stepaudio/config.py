@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def _yaml_switch(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``on`` / ``off`` as a boolean: take it as the word meant."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+#: auto / on / off, also when written unquoted in YAML.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class _Section(BaseModel):
@@ -23,10 +34,18 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    profile: Literal["tiny", "real"] = Field(
+    profile: Literal["tiny", "real", "random"] = Field(
         "tiny",
         description="tiny: random-weight checkpoints generated on first use (babble, for development "
-        "and CI); real: the published checkpoints under `root`.",
+        "and CI); real: the published checkpoints under `root`; random: the speech models "
+        "(TTS-3B, flow, HiFT) at their published shapes with seeded random weights built in "
+        "memory on `tts.device`, no files (capacity measurements on a GPU: the voices are noise; "
+        "the audio tokenizer is a zero-cost stand-in and the chat model must be `llm.engine: "
+        "stand-in`).",
+    )
+    sizes: Literal["published", "small"] = Field(
+        "published",
+        description="random profile: the models' shapes; small: CPU-sized, for tests.",
     )
     root: Path | None = Field(
         None,
@@ -36,7 +55,7 @@ class ModelsConfig(_Section):
     cache_dir: Path | None = Field(
         None, description="Cache folder; default $STEPAUDIO_CACHE or ~/.cache/stepaudio."
     )
-    seed: int = Field(0, description="Seed of the tiny checkpoints (tiny profile only).")
+    seed: int = Field(0, description="Seed of the tiny checkpoints or the random profile's weights.")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
@@ -51,6 +70,8 @@ class ModelsConfig(_Section):
             return self.root.expanduser()
         if self.profile == "real":
             raise ConfigError("models.root: required when models.profile is 'real'")
+        if self.profile == "random":
+            raise ConfigError("models.root: the random profile has no model files")
         return self.resolved_cache_dir() / f"tiny-models-seed{self.seed}"
 
 
@@ -87,11 +108,23 @@ class TokenizerConfig(_Section):
 class LLMConfig(_Section):
     """Step-Audio-Chat: which engine runs it, where, and how replies are sampled."""
 
-    engine: Literal["transformers", "vllm", "openai"] = Field(
+    engine: Literal["transformers", "vllm", "openai", "stand-in"] = Field(
         "transformers",
         description="transformers: in this process on `device` (tiny models, one GPU); vllm: "
         "in-process vLLM AsyncLLM (pip install 'stepaudio-realtime[vllm]'); openai: a remote "
-        "`vllm serve` (see `stepaudio vllm-command`) through its /v1/completions stream.",
+        "`vllm serve` (see `stepaudio vllm-command`) through its /v1/completions stream; "
+        "stand-in: no model, canned replies with the 130B model's timing (`standin_*`), for "
+        "measuring the speech side on one GPU; never for users.",
+    )
+    standin_prefill_ms_per_1k: float = Field(
+        145.0, ge=0,
+        description="stand-in engine: time to the first token per 1000 prompt tokens (one "
+        "tensor-parallel rank of the 130B on an H200: 142 ms for 1000).",
+    )
+    standin_ms_per_token: float = Field(
+        26.0, ge=0,
+        description="stand-in engine: time between tokens (H200 rank: 23.4-26.6 ms at batch "
+        "1-32, plus ~1 ms of all-reduce, estimated).",
     )
     device: str = Field("cpu", description="transformers engine: torch device (cpu, cuda:0).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -161,7 +194,7 @@ class LLMConfig(_Section):
         description="transformers engine: prompt tokens per forward, so a long prompt delays the "
         "other running replies by one chunk at a time.",
     )
-    fast_decode: Literal["auto", "on", "off"] = Field(
+    fast_decode: Switch = Field(
         "auto",
         description="transformers engine: decode all running replies in one batched step over a "
         "static KV cache (CUDA graphs + Triton kernels on a GPU). auto: on for Step1 on CUDA, and "
@@ -187,6 +220,14 @@ class LLMConfig(_Section):
         ge=0,
         description="transformers engine, fast path: requests that may wait for a free slot; one "
         "more is refused at once with an error.",
+    )
+    prefix_slots: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="transformers engine, fast path: extra KV-cache slots that keep recent "
+        "prompts, so a prompt that starts like one of them (the history of the last turn) copies "
+        "those keys instead of computing them again.",
     )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
@@ -235,6 +276,30 @@ class TTSConfig(_Section):
         description="Folder of `{id}_prompt.wav` + speakers_info.json; none: the model root's "
         "speakers/, else the packaged Tingting.",
     )
+    max_batch: int = Field(
+        16, ge=1, le=256,
+        description="In-process TTS-3B: clauses decoded at once (one per speaking session); "
+        "further clauses wait for a free slot.",
+    )
+    max_len: int = Field(
+        4096, ge=256,
+        description="In-process TTS-3B: tokens per KV-cache slot (speaker prompt + clause + its "
+        "speech tokens). GPU memory: (max_batch + prefix_slots) x max_len x 32 KiB.",
+    )
+    prefix_slots: int = Field(
+        4, ge=0, le=64,
+        description="In-process TTS-3B: KV-cache slots that keep recent prompts; a clause in a "
+        "voice already heard copies its ~900-token speaker prompt instead of computing it.",
+    )
+    batching: Switch = Field(
+        "auto",
+        description="Run the flow and HiFT of every speaking session through one scheduler that "
+        "batches them across sessions (earliest deadline and first audio first). auto: on CUDA.",
+    )
+    max_batch_rows: int = Field(
+        16, ge=1, le=64,
+        description="Batched vocoder: at most this many windows in one flow or HiFT call.",
+    )
     streaming: Literal["auto", "cosyvoice", "low-latency"] = Field(
         "auto",
         description="How flow and HiFT stream a reply. cosyvoice: CosyVoice's own streaming "
@@ -245,7 +310,7 @@ class TTSConfig(_Section):
         "after about 14 tokens, short look-ahead, raised-cosine cross-fades); checked against "
         "offline synthesis on random weights only, NOT YET VERIFIED ON THE PUBLISHED WEIGHTS. "
         "auto: cosyvoice for the real checkpoints (models.profile: real), low-latency for the "
-        "tiny ones.",
+        "tiny and random profiles.",
     )
 
     def streaming_mode(self, profile: str) -> str:

@@ -366,3 +366,20 @@ def test_importing_prompts_and_engine_interface_does_not_import_transformers():
                          timeout=60, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+async def test_a_prompt_extending_a_recent_one_reuses_its_keys_and_samples_the_same(slow,
+                                                                                   prompt_ids):
+    params = SamplingParams(max_new_tokens=12, seed=5)
+    next_turn = prompt_ids + slow.tokenizer.encode("and the next turn")  # history grows
+    want = await slow.generate(next_turn, params).collect()
+    eng = fast_engine(slow, prefix_slots=2)
+    try:
+        await eng.generate(prompt_ids, params).collect()
+        assert eng.decoder.prefix_hits == 0
+        got = await eng.generate(next_turn, params).collect()
+        assert got == want
+        assert eng.decoder.prefix_hits == len(prompt_ids)  # the whole previous prompt, copied
+        assert eng.decoder.prefix_misses == len(prompt_ids) + len(next_turn) - len(prompt_ids)
+    finally:
+        eng.close()

@@ -329,3 +329,41 @@ def test_triton_kernels_compile_for_hopper(dtype: str, precision: str):
     build(fd._combine_kernel, {"ml_ptr": "*fp32", "part_ptr": "*fp32", "out_ptr": p,
                                "stride_out": "i32"},
           {"G": 4, "REP": 12, "D": 64, "HB": 16, "SPLITS": 16}, 4)
+
+
+def test_a_prompt_sharing_a_kept_prefix_copies_it_and_computes_the_same_logits(model):
+    dec = Step1FastDecoder(model, max_batch=2, max_len=96, prefix_slots=2, min_prefix=8)
+    rng = random.Random(4)
+    voice = [rng.randrange(256) for _ in range(40)]  # e.g. a TTS speaker prompt
+    first = voice + [rng.randrange(256) for _ in range(5)]
+    second = voice + [rng.randrange(256) for _ in range(7)]
+    a = dec.allocate()
+    assert dec.reuse_prefix(a, first) == 0  # nothing kept yet
+    dec.prefill(a, first)
+    dec.keep_prefix(a, first)
+    dec.decode([a], [11])  # the first request goes on; its kept prompt is a copy
+    dec.release(a)
+    b = dec.allocate()
+    assert dec.reuse_prefix(b, second) == 40 and dec.length(b) == 40
+    logits = [dec.prefill(b, second[40:]).clone()]
+    logits.append(dec.decode([b], [12])[0].clone())
+    ref = reference_logits(model, [*second, 12], len(second))
+    torch.testing.assert_close(torch.stack(logits), ref, atol=ATOL, rtol=0)
+    dec.keep_prefix(b, second)  # it extends the kept prompt: replaces it
+    # the whole prompt again: all but its last token are copied (the prefill gives the logits)
+    c = dec.allocate()
+    assert dec.reuse_prefix(c, second) == len(second) - 1 and dec.prefix_hits == 40 + 46
+    torch.testing.assert_close(dec.prefill(c, second[-1:]), ref[0], atol=ATOL, rtol=0)
+
+
+def test_prefix_slots_keep_the_most_recently_used_prompts(model):
+    dec = Step1FastDecoder(model, max_batch=1, max_len=64, prefix_slots=2, min_prefix=4)
+    prompts = [[k] * 10 + [1, 2, 3] for k in (5, 6, 7)]
+    for p in prompts:
+        s = dec.allocate()
+        dec.prefill(s, p)
+        dec.keep_prefix(s, p)
+        dec.release(s)
+    s = dec.allocate()
+    assert dec.reuse_prefix(s, prompts[0]) == 0  # evicted by the third
+    assert dec.reuse_prefix(s, prompts[2]) == 12

@@ -145,3 +145,21 @@ def test_load_plan_and_loop_lag_quantiles(audio_dir):
     q = lag_quantiles(before, after)
     assert q["samples"] == 100 and q["p50_le_ms"] == 1.0 and q["p99_le_ms"] == 10.0
     assert q["max_le_ms"] == 10.0
+
+
+def test_load_client_hears_gaps_as_a_real_time_player_would():
+    import base64
+    import json
+
+    from server.loadtest import _delta_seconds, underruns
+
+    pcm = bytes(2 * 2400)  # 100 ms of pcm16 at 24 kHz
+    raw = json.dumps({"type": "response.output_audio.delta", "response_id": "r",
+                      "delta": base64.b64encode(pcm).decode()})
+    assert _delta_seconds(raw) == pytest.approx(0.1)
+    steady = [(0.0, 0.5), (0.3, 0.5), (0.9, 0.5)]  # each arrives before the last one runs out
+    assert underruns(steady) == (0, 0.0)
+    late = [(0.0, 0.2), (0.5, 0.2), (0.6, 0.2)]  # 0.3 s of silence after the first 0.2 s
+    gaps, silent = underruns(late)
+    assert gaps == 1 and silent == pytest.approx(0.3)
+    assert underruns(late, prebuffer_s=0.3) == (0, 0.0)  # a 300 ms jitter buffer hides it

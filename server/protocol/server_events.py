@@ -354,7 +354,7 @@ class ProfileInfo(ServerEvent):
     """What the server runs, sent once after ``session.created`` (e.g. tiny random-weight models)."""
 
     type: Literal["stepaudio.profile"] = "stepaudio.profile"
-    profile: Literal["tiny", "real", "zero-cost stages"]
+    profile: Literal["tiny", "real", "random", "zero-cost stages"]
     note: str
     models: dict[str, str] = Field(default_factory=dict)
 

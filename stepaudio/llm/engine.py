@@ -288,5 +288,8 @@ def make_engine(cfg: LLMConfig, model_dir: str | os.PathLike[str] | None) -> Eng
         if folder is None:
             raise EngineError("the vllm engine needs the checkpoint folder")
         return VLLMEngine.from_config(cfg, folder)
+    if cfg.engine == "stand-in":
+        raise EngineError("llm.engine stand-in is a benchmark instrument of `stepaudio serve` "
+                          "(it has no model to chat with)")
     raise EngineError(f"unknown llm engine {cfg.engine!r}")
 

@@ -50,12 +50,14 @@ class BatchedSteps:
         max_batch: int,
         max_len: int,
         cuda_graphs: bool | None = None,
+        prefix_slots: int = 0,
     ) -> None:
         if max_batch < 1 or max_len < 2:
             raise ValueError("fast decode needs max_batch >= 1 and max_len >= 2")
         self.engine = engine
         self.decoder = Step1FastDecoder(
-            engine.model, max_batch=max_batch, max_len=max_len, use_cuda_graphs=cuda_graphs
+            engine.model, max_batch=max_batch, max_len=max_len, use_cuda_graphs=cuda_graphs,
+            prefix_slots=prefix_slots,
         )
         engine.decoder = self.decoder
         # Capture every bucket now, before serving: a capture in the middle of serving would
@@ -214,12 +216,16 @@ class BatchedSteps:
     def _prefill(self, req: _Request) -> None:
         """One chunk of the prompt into the request's slot; the last one samples its first id."""
         assert req.slot is not None
+        if req.prefilled == 0:  # a prompt that starts like a recent one copies that part
+            req.prefilled = self.decoder.reuse_prefix(req.slot, req.prompt_ids)
         chunk = req.prompt_ids[req.prefilled : req.prefilled + self.engine.prefill_chunk]
         logits = self.decoder.prefill(req.slot, chunk)
+        self.decoder.count_prefill(len(chunk))
         self.engine.forward_calls += 1
         req.prefilled += len(chunk)
         if req.prefilled < len(req.prompt_ids):
             return
+        self.decoder.keep_prefix(req.slot, req.prompt_ids)
         tokens, errors = sample_rows(logits[None], [RowSampling(req.params, req.generator, req.ids)])
         if errors:
             raise errors[0]

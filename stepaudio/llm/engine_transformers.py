@@ -181,6 +181,7 @@ class TransformersEngine:
         max_len: int = 8192,
         max_waiting: int = 256,
         cuda_graphs: bool | None = None,
+        prefix_slots: int = 4,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -198,11 +199,12 @@ class TransformersEngine:
         self.max_waiting = max_waiting
         self.forward_calls = 0
         self.decoder: Step1FastDecoder | None = None
-        if self._wants_fast_path(fast_decode, max_batch, max_len):
+        if self._wants_fast_path(fast_decode, max_batch + prefix_slots, max_len):
             from stepaudio.llm.engine_batched import BatchedSteps
 
             self._steps: _Steps = BatchedSteps(
-                self, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs
+                self, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs,
+                prefix_slots=prefix_slots,
             )
             self.max_model_len = min(self.max_model_len, max_len)
         else:
@@ -213,7 +215,7 @@ class TransformersEngine:
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    def _wants_fast_path(self, mode: FastDecodeMode, max_batch: int, max_len: int) -> bool:
+    def _wants_fast_path(self, mode: FastDecodeMode, slots: int, max_len: int) -> bool:
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"fast_decode must be auto, on or off, not {mode!r}")
         if mode == "off":
@@ -232,7 +234,7 @@ class TransformersEngine:
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         per_token = 2 * cfg.num_hidden_layers * cfg.num_attention_groups * head_dim  # k and v
         element = next(self.model.parameters()).element_size()
-        cache = per_token * (max_batch + 1) * max_len * element  # + 1: the scratch slot
+        cache = per_token * (slots + 1) * max_len * element  # + 1: the scratch slot
         return self.auto_fast_path(self.device, cache)
 
     #: On CPU, ``auto`` takes the fast path only while its preallocated KV cache stays this small.
@@ -304,6 +306,7 @@ class TransformersEngine:
             max_batch=cfg.max_batch,
             max_len=cfg.max_len,
             max_waiting=cfg.max_waiting,
+            prefix_slots=cfg.prefix_slots,
         )
 
     # -- public API ----------------------------------------------------------------------------

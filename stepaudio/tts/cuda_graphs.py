@@ -18,6 +18,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,11 +36,14 @@ class _GraphCache:
     """Captured graphs keyed by an input length; an LRU bounded by ``max_graphs``."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], max_graphs: int = 16, warmup: int = 2,
-                 capture_any: bool = False) -> None:
+                 capture_any: bool = False, pool: Any = None) -> None:
         self.fn = fn
         self.max_graphs = max_graphs
         self.warmup = warmup
         self.capture_any = capture_any
+        #: A memory pool shared with other graphs that never run at the same time (their outputs
+        #: are copied out before the next replay), or None for a pool of its own.
+        self.pool = pool
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.allowed: set[tuple] = set()
         self.failed: set[tuple] = set()
@@ -71,7 +75,7 @@ class _GraphCache:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: TTS-3B may be decoding on this device from another thread meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self.fn(*statics)
         except Exception as err:  # capture is an optimisation: fall back to eager, say so once
             log.warning("cuda graph capture failed for %s (%s); running eagerly", key, err)
@@ -239,3 +243,121 @@ class GraphedDecode:
         if mel.device.type != "cuda":
             return self.cache.fn(mel, source)
         return self.cache.run((int(mel.shape[-1]),), mel, source)
+
+
+class GraphedBatchSolver:
+    """:attr:`BatchRunner.solver` replayed from CUDA graphs, one per (masked, rows, length).
+
+    Rows are rounded up to a power of two (extra rows are zeros with a full mask, so they compute
+    finite nonsense that is dropped); an unpadded batch (every window the same length) replays
+    the unmasked estimator's graph for that exact length when one was captured (the standard
+    windows, at start-up), any other batch the masked estimator's for the runner's bucketed
+    length. Every graph shares one memory pool: replays never overlap
+    (one vocoder thread) and each output is copied out before the next replay.
+    """
+
+    def __init__(self, runner: Any, max_rows: int = 16, max_graphs: int = 96) -> None:
+        self.runner = runner
+        self.max_rows = max_rows
+        pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+
+        def plain(mu, mask, spks, cond, noise):  # noqa: ANN001, ANN202 - graph body
+            return runner.eager_solve(mu, mask, spks, cond, noise, False)
+
+        def masked(mu, mask, spks, cond, noise):  # noqa: ANN001, ANN202
+            return runner.eager_solve(mu, mask, spks, cond, noise, True)
+
+        # One warm-up run before a capture (not two): the estimator has no lazy state beyond
+        # the first call's, and each eager run costs a quarter of a second at these sizes.
+        self.caches = {False: _GraphCache(plain, max_graphs, 1, capture_any=True, pool=pool),
+                       True: _GraphCache(masked, max_graphs, 1, capture_any=True, pool=pool)}
+
+    def rows_bucket(self, rows: int) -> int:
+        b = 1
+        while b < rows:
+            b *= 2
+        return b
+
+    def __call__(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                 cond: torch.Tensor, noise: torch.Tensor, padded: bool) -> torch.Tensor:
+        if mu.device.type != "cuda" or mu.shape[0] > self.max_rows:
+            return self.runner.eager_solve(mu, mask, spks, cond, noise, padded)
+        rows = mu.shape[0]
+        size = self.rows_bucket(rows)
+        length = int(mu.shape[-1])
+        if not padded and (size, length) not in self.caches[False].graphs:
+            # An exact length no graph was captured for (a last window): pad it to the bucket
+            # and replay the masked graph there, rather than capture one more on a request.
+            extra = self.runner.bucket(length) - length
+            mu, cond, noise, mask = (torch.nn.functional.pad(x, (0, extra))
+                                     for x in (mu, cond, noise, mask))
+            padded = True
+        if size != rows:
+            def grow(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+                out = x.new_full((size, *x.shape[1:]), fill)
+                out[:rows] = x
+                return out
+
+            mu, cond, noise, spks, mask = grow(mu), grow(cond), grow(noise), grow(spks), grow(mask, 1)
+        out = self.caches[padded].run((size, int(mu.shape[-1])), mu, mask, spks, cond, noise)
+        return out[:rows, :, :length].clone()
+
+    def warm(self, rows: Iterable[int], lengths: Iterable[int], padded: bool) -> int:
+        """Capture graphs now (start-up), not on a request; returns how many were captured."""
+        if not torch.cuda.is_available() or self.runner.device.type != "cuda":
+            return 0
+        runner, n = self.runner, 0
+        flow = runner.flow
+        dev, dtype = runner.device, flow.dtype
+        for length in sorted({int(x) for x in lengths}, reverse=True):
+            for size in sorted({self.rows_bucket(r) for r in rows}, reverse=True):
+                if (size, length) in self.caches[padded].graphs:
+                    continue
+                mu = torch.randn(size, flow.output_size, length, device=dev, dtype=dtype)
+                mask = torch.ones(size, 1, length, device=dev, dtype=dtype)
+                spks = torch.randn(size, flow.output_size, device=dev, dtype=dtype)
+                self.caches[padded].run((size, length), mu, mask, spks, torch.randn_like(mu),
+                                        torch.randn_like(mu))
+                n += 1
+        return n
+
+
+class GraphedBatchDecode:
+    """:attr:`BatchRunner.decoder` (HiFT's decode on equal-length windows) replayed per
+    (rows, mel length) from CUDA graphs sharing one pool; rows rounded up to a power of two."""
+
+    def __init__(self, hift: torch.nn.Module, max_rows: int = 16, max_graphs: int = 64) -> None:
+        self.hift = hift
+        self.max_rows = max_rows
+        pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+
+        @torch.inference_mode()
+        def decode(mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+            return _capturable_decode(hift, mel, source)
+
+        self.cache = _GraphCache(decode, max_graphs, capture_any=True, pool=pool)
+
+    def __call__(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        if mel.device.type != "cuda" or mel.shape[0] > self.max_rows:
+            return self.hift.decode(mel, source)
+        rows = mel.shape[0]
+        size = 1
+        while size < rows:
+            size *= 2
+        if size != rows:
+            mel = torch.cat([mel, mel.new_zeros((size - rows, *mel.shape[1:]))])
+            source = torch.cat([source, source.new_zeros((size - rows, *source.shape[1:]))])
+        return self.cache.run((size, int(mel.shape[-1])), mel, source)[:rows].clone()
+
+    @torch.inference_mode()
+    def warm(self, rows: Iterable[int], lengths: Iterable[int]) -> int:
+        dev = next(self.hift.parameters()).device
+        spf = self.hift.samples_per_frame()
+        mels = self.hift.conv_pre.in_channels
+        n = 0
+        for length in sorted({int(x) for x in lengths}, reverse=True):
+            for r in sorted(set(rows), reverse=True):
+                self(torch.randn(r, mels, length, device=dev),
+                     0.1 * torch.randn(r, 1, length * spf, device=dev))
+                n += 1
+        return n

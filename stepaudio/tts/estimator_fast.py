@@ -24,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepaudio.tts.estimator import BasicTransformerBlock, ConditionalDecoder, ResnetBlock1D
+from stepaudio.tts.estimator import (
+    BasicTransformerBlock,
+    Block1D,
+    ConditionalDecoder,
+    ResnetBlock1D,
+)
 from stepaudio.tts.flow import ConditionalCFM, cosine_t_span
 
 try:  # Triton ships with CUDA builds of torch; without it the add and the norm stay two kernels
@@ -55,6 +60,87 @@ if HAS_TRITON:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + off, (d * rstd * w + bias).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gn_mish_kernel(x_ptr, m_ptr, w_ptr, b_ptr, out_ptr, C, T, CG, eps,
+                        HAS_MASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One (row, group): statistics over the group's channels and the row's valid frames,
+        then affine, Mish and the mask, in one pass over memory per step (three in all)."""
+        pid = tl.program_id(0)
+        groups = C // CG
+        b = pid // groups
+        c = (pid % groups) * CG + tl.arange(0, BLOCK_C)
+        cmask = tl.arange(0, BLOCK_C) < CG
+        base = b * C * T
+        total = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+        count = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            valid = t < T
+            if HAS_MASK:
+                valid = valid & (tl.load(m_ptr + b * T + t, mask=t < T, other=0.0) > 0)
+            keep = cmask[:, None] & valid[None, :]
+            x = tl.load(x_ptr + base + c[:, None] * T + t[None, :], mask=keep, other=0.0)
+            total += x.to(tl.float32)
+            count += valid.to(tl.float32)
+        n = tl.sum(count, axis=0) * CG
+        n = tl.maximum(n, 1.0)
+        mean = tl.sum(tl.sum(total, axis=1), axis=0) / n
+        dev = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            valid = t < T
+            if HAS_MASK:
+                valid = valid & (tl.load(m_ptr + b * T + t, mask=t < T, other=0.0) > 0)
+            keep = cmask[:, None] & valid[None, :]
+            x = tl.load(x_ptr + base + c[:, None] * T + t[None, :], mask=keep, other=0.0)
+            d = tl.where(keep, x.to(tl.float32) - mean, 0.0)
+            dev += d * d
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(tl.sum(dev, axis=1), axis=0) / n + eps)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            inside = t < T
+            valid = inside
+            if HAS_MASK:
+                valid = valid & (tl.load(m_ptr + b * T + t, mask=inside, other=0.0) > 0)
+            io = cmask[:, None] & inside[None, :]
+            x = tl.load(x_ptr + base + c[:, None] * T + t[None, :], mask=io, other=0.0)
+            y = (x.to(tl.float32) - mean) * rstd * w[:, None] + bias[:, None]
+            sp = tl.where(y > 20.0, y, tl.log(1.0 + tl.exp(tl.minimum(y, 20.0))))
+            e = tl.exp(-2.0 * sp)
+            y = y * (1.0 - e) / (1.0 + e)  # y * tanh(softplus(y)): Mish
+            y = tl.where(valid[None, :], y, 0.0)
+            tl.store(out_ptr + base + c[:, None] * T + t[None, :],
+                     y.to(out_ptr.dtype.element_ty), mask=io)
+
+
+def group_norm_mish(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """``Mish(GroupNorm(x))`` of (B, C, T), times ``mask`` (B, 1, T) with the statistics of each
+    row's masked frames only: one Triton kernel on a GPU (instead of GroupNorm's two, Mish's and
+    the mask's), torch ops elsewhere."""
+    if not (HAS_TRITON and x.is_cuda and norm.affine):
+        from stepaudio.tts.vocoder_batch import masked_group_norm
+
+        if mask is None:
+            return F.mish(norm(x))
+        return F.mish(masked_group_norm(x, mask, norm)) * mask
+    b, c, t = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    cg = c // norm.num_groups
+    block_c = triton.next_power_of_2(cg)
+    block_t = max(16, min(256, 4096 // block_c))
+    m = mask.reshape(b, t).to(torch.float32).contiguous() if mask is not None else x
+    _gn_mish_kernel[(b * norm.num_groups,)](x, m, norm.weight, norm.bias, out, c, t, cg,
+                                             norm.eps, HAS_MASK=mask is not None,
+                                             BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+    return out
 
 
 def add_layer_norm(a: torch.Tensor, b: torch.Tensor, norm: nn.LayerNorm
@@ -121,9 +207,13 @@ class FastEstimator(nn.Module):
         return s, norm(s)
 
     @staticmethod
-    def _resnet(r: ResnetBlock1D, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = r.block1.block(x) + r.mlp(t).unsqueeze(-1)
-        return r.block2.block(h) + r.res_conv(x)
+    def _block(block: Block1D, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, _ = block.block
+        return group_norm_mish(conv(x), norm)
+
+    def _resnet(self, r: ResnetBlock1D, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self._block(r.block1, x) + r.mlp(t).unsqueeze(-1)
+        return self._block(r.block2, h) + r.res_conv(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,7 +237,7 @@ class FastEstimator(nn.Module):
             skip = hiddens.pop()
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
             x = upsample(self._transformers(transformers, self._resnet(resnet, x, t)))
-        return d.final_proj(d.final_block.block(x))
+        return d.final_proj(self._block(d.final_block, x))
 
 
 _SHARED: weakref.WeakKeyDictionary[nn.Module, FastEstimator] = weakref.WeakKeyDictionary()

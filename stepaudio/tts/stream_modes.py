@@ -88,4 +88,7 @@ def window_shapes(mode: StreamingMode, model: Token2WavModels, *, low_latency: S
     if mode == "cosyvoice":
         return CosyVoiceWindows.for_models(model.flow, model.hift, cosyvoice).graph_shapes()
     shapes = low_latency.schedule()
-    return [f for f, _ in shapes] + [low_latency.window_frames], [h for _, h in shapes]
+    hift = [h for _, h in shapes]
+    if low_latency.hift_window_frames not in hift:  # last chunks take the steady HiFT window
+        hift.append(low_latency.hift_window_frames)
+    return [f for f, _ in shapes] + [low_latency.window_frames], hift

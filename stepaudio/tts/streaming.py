@@ -101,9 +101,17 @@ class StreamOptions:
         """Flow window of a steady chunk (and of the last chunk when the utterance is longer)."""
         return self.left_frames + self.max_hop_frames + self.lookahead_frames
 
+    @property
+    def hift_window_frames(self) -> int:
+        """HiFT window of a steady chunk. A last chunk takes as much more left context as makes
+        its window this long too (when the utterance has that much), so last chunks batch with
+        steady ones instead of each having a length of its own."""
+        return self.hift_left_frames + self.max_hop_frames + self.lookahead_frames
+
     def schedule(self) -> list[tuple[int, int]]:
         """(flow window, HiFT window) lengths of the chunks before the steady state, then the
-        steady one: the shapes worth a CUDA graph (a last chunk's HiFT window varies)."""
+        steady one: the shapes worth a CUDA graph (a last chunk of a long utterance has the steady
+        HiFT window; a short utterance's last chunk varies)."""
         out, committed, k = [], 0, 0
         while True:
             hop = self.hop(k)
@@ -191,6 +199,18 @@ class UtteranceNoise:
         return noise, draws
 
 
+def speaker_on_device(flow: Any, speaker: SpeakerFeatures, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt tokens (1, T1), projected speaker embedding (1, 80), prompt mel (1, T, 80)) on
+    the device. A stream makes them on first use: by whichever thread runs the chunks (the
+    vocoder's, on its own CUDA stream), never the event loop that creates the stream."""
+    with torch.inference_mode():
+        emb = speaker.embedding.to(device, dtype)
+        return (speaker.prompt_token.reshape(1, -1).to(device),
+                flow.spk_embed_affine_layer(F.normalize(emb, dim=1)),
+                speaker.prompt_feat.to(device))
+
+
 def tagged_generator(seed: int, tag: tuple) -> torch.Generator:
     """A CPU generator for one named draw of an utterance (seed and tag), independent of every
     other draw, so draws can be made in any order and on any device."""
@@ -268,11 +288,13 @@ class StreamingToken2Wav(TokenFeed):
         conf = self.flow.mel_feat_conf
         # mel frames per token, exactly as the flow's own length rule computes it
         self.r = float(conf["sampling_rate"]) / float(conf["hop_size"]) / self.flow.input_frame_rate
-        self._prompt_token = speaker.prompt_token.reshape(1, -1).to(self.device)
-        with torch.inference_mode():
-            emb = speaker.embedding.to(self.device, self.dtype)
-            self._spks = self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1))
-        self._prompt_feat = speaker.prompt_feat.to(self.device)
+        self._on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _speaker(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The speaker on the device, made on first use (see :func:`speaker_on_device`)."""
+        if self._on_device is None:
+            self._on_device = speaker_on_device(self.flow, self.speaker, self.device, self.dtype)
+        return self._on_device
 
     @property
     def total_frames(self) -> int:
@@ -344,10 +366,10 @@ class StreamingToken2Wav(TokenFeed):
         keep = mel[:, commit - j0: commit - j0 + opt.mel_xfade]
         s.mel_tail = None if final else keep.clone()
         hist = torch.cat([s.mel_hist, final_mel], dim=1)
-        s.mel_hist = hist[:, max(0, hist.shape[1] - opt.hift_left_frames):].clone()
+        s.mel_hist = hist[:, max(0, hist.shape[1] - opt.hift_window_frames):].clone()
         s.committed = commit
         s.chunks += 1
-        self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_left_frames) - 1))
+        self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_window_frames) - 1))
         return wav
 
     def _flow_window(self, j0: int, j1: int, whole: bool
@@ -369,9 +391,10 @@ class StreamingToken2Wav(TokenFeed):
         mu = yield Regulate(x)
         length = mu.shape[-1]
         cond = torch.zeros(flow.output_size, length, device=dev, dtype=dtype)
-        cond[:, : self.mel_len1] = self._prompt_feat[0].transpose(0, 1).to(dtype)
+        _, spks, prompt_feat = self._speaker()
+        cond[:, : self.mel_len1] = prompt_feat[0].transpose(0, 1).to(dtype)
         noise = torch.cat([self.noise.prompt, self.noise.mel(j0, j1)], dim=1)
-        feat = yield Solve(mu, cond, self._spks[0], noise.to(dev, dtype))
+        feat = yield Solve(mu, cond, spks[0], noise.to(dev, dtype))
         return feat[:, self.mel_len1:].float().cpu(), (a, c)
 
     def _offline_x(self, tokens: Sequence[int], frames: int
@@ -379,8 +402,9 @@ class StreamingToken2Wav(TokenFeed):
         """The length regulator's input for a whole utterance, as ``flow.conditions`` builds it:
         prompt and target features interpolated separately to their mel lengths."""
         tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
-        h = yield Encode(torch.cat([self._prompt_token[0], tok]))
-        n1 = self._prompt_token.shape[1]
+        prompt_token = self._speaker()[0]
+        h = yield Encode(torch.cat([prompt_token[0], tok]))
+        n1 = prompt_token.shape[1]
         x1 = interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)
         x2 = interpolate_to(h[n1:].transpose(0, 1), frames)
         return torch.cat([x1, x2], dim=1)
@@ -391,8 +415,9 @@ class StreamingToken2Wav(TokenFeed):
         grid for frames [j0, j1): (80, mel_len1 + j1 - j0)."""
         dev = self.device
         tok = torch.tensor(self.tokens[a:c], dtype=torch.long, device=dev)
-        h = yield Encode(torch.cat([self._prompt_token[0], tok]))
-        n1 = self._prompt_token.shape[1]
+        prompt_token = self._speaker()[0]
+        h = yield Encode(torch.cat([prompt_token[0], tok]))
+        n1 = prompt_token.shape[1]
         x1 = interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)
         frames = torch.arange(j0, j1, device=dev, dtype=torch.float64)
         x2 = linear_interp_rows(h[n1:], self._pos(frames) - a).transpose(0, 1)
@@ -411,13 +436,18 @@ class StreamingToken2Wav(TokenFeed):
 
     def _vocode(self, final_mel: torch.Tensor, window_mel: torch.Tensor, j0: int, j1: int,
                 commit: int, final: bool) -> Generator[Request, torch.Tensor, np.ndarray]:
-        """HiFT on [committed - left, j1): history, new final frames, provisional look-ahead."""
+        """HiFT on [committed - left, j1): history, new final frames, provisional look-ahead
+        (a last chunk: as much history as makes a steady-length window)."""
         s, opt, spf, hift = self._s, self.opt, self.spf, self.hift
-        parts = [s.mel_hist, final_mel]
+        left = opt.hift_left_frames
+        if final:
+            left = max(left, opt.hift_window_frames - final_mel.shape[1])
+        hist = s.mel_hist[:, max(0, s.mel_hist.shape[1] - left):]
+        parts = [hist, final_mel]
         if not final:
             parts.append(window_mel[:, commit - j0: j1 - j0])
         mel_in = torch.cat(parts, dim=1)
-        h0 = s.committed - s.mel_hist.shape[1]
+        h0 = s.committed - hist.shape[1]
         dev = next(hift.parameters()).device
         mel_t = mel_in.to(dev)
         f0 = yield PredictF0(mel_t)  # (L,)

@@ -42,12 +42,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stepaudio.errors import ModelError
 from stepaudio.tts.hift import SourceDraws
 from stepaudio.tts.speakers import SpeakerFeatures
-from stepaudio.tts.streaming import ChunkStats, Token2WavModels, tagged_generator
+from stepaudio.tts.streaming import (
+    ChunkStats,
+    Token2WavModels,
+    speaker_on_device,
+    tagged_generator,
+)
 from stepaudio.tts.token_feed import TokenFeed
 from stepaudio.tts.vocoder_work import (
     AloneRunner,
@@ -294,11 +298,7 @@ class CosyVoiceToken2Wav(TokenFeed):
         self._mel_window = torch.from_numpy(np.hamming(2 * self.win.mel_overlap))
         self._speech_window = torch.from_numpy(np.hamming(2 * self.win.source_cache))
         self.mel_len1 = int(speaker.prompt_feat.shape[1])
-        self._prompt_token = speaker.prompt_token.reshape(-1).to(self.device)
-        with torch.inference_mode():
-            emb = speaker.embedding.to(self.device, self.dtype)
-            self._spks = self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1))[0]
-        self._prompt_feat = speaker.prompt_feat[0].transpose(0, 1).to(self.device, self.dtype)
+        self._on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def total_frames(self) -> int:
@@ -361,9 +361,12 @@ class CosyVoiceToken2Wav(TokenFeed):
               ) -> Generator[Request, torch.Tensor, torch.Tensor]:
         """The flow on one chunk's tokens, prompt first: target mel (80, M) float32."""
         flow, dev, dtype = self.flow, self.device, self.dtype
+        if self._on_device is None:  # on the thread that runs the chunks (speaker_on_device)
+            self._on_device = speaker_on_device(flow, self.speaker, dev, dtype)
+        prompt_token, spks, prompt_feat = self._on_device
         ids = torch.tensor(list(tokens), dtype=torch.long, device=dev)
-        h = yield Encode(torch.cat([self._prompt_token, ids]))
-        n1 = self._prompt_token.shape[0]
+        h = yield Encode(torch.cat([prompt_token[0], ids]))
+        n1 = prompt_token.shape[1]
         parts = [interpolate_to(h[:n1].transpose(0, 1), self.mel_len1)] if n1 else []
         at = n1
         for n, frames in self.win.regulator_segments(len(tokens)):
@@ -372,9 +375,9 @@ class CosyVoiceToken2Wav(TokenFeed):
         mu = yield Regulate(torch.cat(parts, dim=1))
         length = mu.shape[-1]
         cond = torch.zeros(flow.output_size, length, device=dev, dtype=dtype)
-        cond[:, : self.mel_len1] = self._prompt_feat
+        cond[:, : self.mel_len1] = prompt_feat[0].transpose(0, 1)
         noise = self.draws.flow_noise(chunk, (flow.output_size, length)).to(dev, dtype)
-        feat = yield Solve(mu, cond, self._spks, noise)
+        feat = yield Solve(mu, cond, spks[0], noise)
         return feat[:, self.mel_len1:].float()
 
     def _vocode(self, mel: torch.Tensor, plan: ChunkPlan

@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ from stepaudio.tts.stream_modes import Token2WavStream, open_token2wav, resolve_
 from stepaudio.tts.streaming import ChunkStats, StreamOptions
 from stepaudio.tts.streaming_cosyvoice import CosyVoiceStreamOptions
 from stepaudio.tts.text import ClauseSplitter
+from stepaudio.tts.vocoder_batch import BatchRunner
+from stepaudio.tts.vocoder_scheduler import ChunkCancelled, RoundStats, VocoderScheduler
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,10 @@ class SynthesisReport:
     finish_reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     first_chunk_s: float | None = None
+    #: perf_counter times: the first clause's TTS-3B request, and the first chunk handed out (so
+    #: "request to first audio" is what the speech side alone costs a reply).
+    first_request_at: float | None = None
+    first_chunk_at: float | None = None
     audio_s: float = 0.0
     chunks: list[ChunkStats] = field(default_factory=list)
     cancelled: bool = False
@@ -130,9 +136,33 @@ class SynthOptions:
     speaker_cache_size: int = 32
     #: On CUDA: replay captured graphs for the flow's standard windows and HiFT (see cuda_graphs).
     cuda_graphs: bool = True
+    #: Run every stream's flow and HiFT work through one scheduler that batches it across
+    #: streams, deadline first (:mod:`~stepaudio.tts.vocoder_scheduler`). None: on CUDA only,
+    #: where a flow call costs about the same for one window as for many.
+    batching: bool | None = None
+    #: Batched: at most this many windows in one flow or HiFT call (a longer call makes a new
+    #: reply's first chunk wait longer behind it).
+    max_batch_rows: int = 16
+    #: Speech tokens a clause may take, in place of the reference's ceiling (the random-weight
+    #: profile, whose TTS-3B never ends a clause by itself, sets what a real voice would take).
+    clause_tokens: Callable[[str], int] | None = None
 
 
 _END = object()
+
+
+@dataclass
+class _Clause:
+    """One clause of a reply between its TTS-3B request and its last chunk."""
+
+    index: int
+    text: str
+    folder: str
+    feats: SpeakerFeatures
+    model: Any
+    st: Token2WavStream
+    generating: bool = True  # speech tokens are still coming
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # tokens came, or the end
 
 
 class Synthesizer:
@@ -161,15 +191,21 @@ class Synthesizer:
         self._load_lock = threading.Lock()
         self.cache = SpeakerCache(self.options.speaker_cache_size)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepaudio-tts")
+        self._scheduler: VocoderScheduler | None = None
+        self._runners: dict[str, BatchRunner] = {}
+        #: Called with each batched round's stats (metrics); set by whoever owns the synthesizer.
+        self.on_round: Callable[[RoundStats], None] | None = None
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_model_root(cls, root: str | Path, *, device: str = "cpu", lm_dtype: str = "float32",
                         flow_dtype: torch.dtype | None = None, engine: Engine | None = None,
                         speakers_dir: str | Path | None = None,
-                        options: SynthOptions | None = None) -> Synthesizer:
+                        options: SynthOptions | None = None,
+                        engine_options: dict[str, Any] | None = None) -> Synthesizer:
         """Everything from a model root (real or tiny): TTS-3B in process unless ``engine`` is
-        given, both vocoder folders, the root's speakers (else the packaged ones)."""
+        given (``engine_options``: the in-process engine's keyword arguments), both vocoder
+        folders, the root's speakers (else the packaged ones)."""
         from stepaudio.models import model_paths
         from stepaudio.tts.cosyvoice import CosyVoice
         from stepaudio.tts.prompt import default_speakers_dir
@@ -179,7 +215,8 @@ class Synthesizer:
         if engine is None:
             from stepaudio.llm.engine_transformers import TransformersEngine
 
-            engine = TransformersEngine.from_pretrained(paths.tts, device=device, dtype=lm_dtype)
+            engine = TransformersEngine.from_pretrained(paths.tts, device=device, dtype=lm_dtype,
+                                                        **(engine_options or {}))
         if flow_dtype is None:
             flow_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         folder = Path(speakers_dir) if speakers_dir else (
@@ -218,18 +255,89 @@ class Synthesizer:
         solver, decode, encode = self._graphs[folder]
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) not in self._warmed:
-            flow_frames, hift_frames = window_shapes(self.streaming, model,
-                                                     low_latency=self.options.stream,
-                                                     cosyvoice=self.options.cosyvoice)
+            flow_frames, hift_frames = self.window_shapes(model)
             solver.warm(prompt, flow_frames)
             decode.warm(hift_frames)
             self._warmed.add((folder, prompt))
         return solver, decode, encode
 
+    @property
+    def batching(self) -> bool:
+        """Whether chunks go through the cross-stream scheduler (see ``SynthOptions.batching``)."""
+        if self.options.batching is not None:
+            return self.options.batching
+        device = getattr(self.cosyvoice(VOCODER_FOLDER), "device", torch.device("cpu"))
+        return torch.device(device).type == "cuda"
+
+    @property
+    def scheduler(self) -> VocoderScheduler:
+        with self._load_lock:
+            if self._scheduler is None:
+                device = getattr(self._models.get(VOCODER_FOLDER), "device", None)
+                self._scheduler = VocoderScheduler(self.options.max_batch_rows,
+                                                   on_round=self._round_done, device=device)
+            return self._scheduler
+
+    def _round_done(self, stats: RoundStats) -> None:
+        if self.on_round is not None:
+            self.on_round(stats)
+
+    def runner(self, folder: str) -> BatchRunner:
+        """The batch runner of one vocoder folder (CUDA graphs per batch shape on a GPU)."""
+        with self._load_lock:
+            runner = self._runners.get(folder)
+        if runner is not None:
+            return runner
+        model = self.cosyvoice(folder)
+        runner = BatchRunner(model.flow, model.hift, self.options.stream.n_timesteps)
+        if self.options.cuda_graphs and torch.device(model.device).type == "cuda":
+            from stepaudio.tts.cuda_graphs import GraphedBatchDecode, GraphedBatchSolver
+
+            rows = self.options.max_batch_rows
+            runner.solver = GraphedBatchSolver(runner, rows)
+            runner.decoder = GraphedBatchDecode(model.hift, rows)
+        with self._load_lock:
+            return self._runners.setdefault(folder, runner)
+
+    def warm_batched(self, folder: str, feats: SpeakerFeatures) -> int:
+        """Capture the batched graphs a voice's windows need (on the vocoder thread, before its
+        first reply): the masked flow graph of every row bucket and every length bucket its
+        windows fall in (an unpadded batch replays the masked graph of its bucket too: with the
+        fused masked GroupNorm it costs the same, and one set of graphs is half the start-up),
+        and HiFT's for the standard windows. Returns how many were captured (0 off CUDA)."""
+        runner = self.runner(folder)
+        prompt = int(feats.prompt_feat.shape[1])
+        if (folder, prompt) in self._warmed or not hasattr(runner.solver, "warm"):
+            return 0
+        flow_frames, hift_frames = self.window_shapes(self.cosyvoice(folder))
+        top = self.options.max_batch_rows
+        rows = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
+        padded = {runner.bucket(prompt + n) for n in range(1, max(flow_frames) + 1)}
+        solver, decoder = runner.solver, runner.decoder
+        n = solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
+        n += decoder.warm(rows, set(hift_frames))  # type: ignore[attr-defined]
+        self._warmed.add((folder, prompt))
+        log.info("tts: %d batched vocoder graphs captured for a %d-frame prompt", n, prompt)
+        return n
+
+    def window_shapes(self, model: Any) -> tuple[list[int], list[int]]:
+        """(flow target frames, HiFT frames) of this synthesizer's streaming windows."""
+        return window_shapes(self.streaming, model, low_latency=self.options.stream,
+                             cosyvoice=self.options.cosyvoice)
+
+    def prepare(self, folder: str, feats: SpeakerFeatures) -> tuple[Any, Any, Any]:
+        """Whatever a stream on ``folder`` in this voice needs before its first chunk (call on
+        the model thread): batched, the scheduler's graphs; alone, the stream's own callables."""
+        if self.batching:
+            if folder == VOCODER_FOLDER:  # others (the music vocoder) capture on first use
+                self.warm_batched(folder, feats)
+            return None, None, None
+        return self.accelerators(folder, feats)
+
     async def warm(self, voice: Voice, text: str = "") -> None:
         """Describe a voice and capture its graphs ahead of the first reply (server start-up)."""
         feats = await asyncio.to_thread(self.features, voice, text)
-        await self.run_model(lambda: self.accelerators(vocoder_folder(text), feats))
+        await self.run_model(lambda: self.prepare(vocoder_folder(text), feats))
 
     def tokenizer(self) -> Any:
         with self._load_lock:
@@ -301,12 +409,29 @@ class Synthesizer:
         return wav, stream.report
 
     async def run_model(self, fn: Callable[[], Any]) -> Any:
-        """Run flow/HiFT work on the model thread."""
+        """Run flow/HiFT work on the model thread (the scheduler's, when batching)."""
+        if self.batching:
+            return await asyncio.wrap_future(self.scheduler.call(fn))
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    async def vocode(self, st: Token2WavStream, folder: str, *, deadline: float, first: bool,
+                     cancelled: Callable[[], bool]) -> np.ndarray:
+        """The stream's next chunk: batched with other streams' through the scheduler, or
+        alone on the model thread. Raises CancelledError if the stream was cancelled first."""
+        if not self.batching:
+            return await self.run_model(st.next_chunk)
+        fut = self.scheduler.submit(self.runner(folder), st.chunk_work(), deadline=deadline,
+                                    first=first, cancelled=cancelled)
+        try:
+            return await asyncio.wrap_future(fut)
+        except ChunkCancelled:
+            raise asyncio.CancelledError from None
+
     async def aclose(self) -> None:
-        """Stop the model thread; close the TTS engine only if this synthesizer built it."""
+        """Stop the model threads; close the TTS engine only if this synthesizer built it."""
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
         if self.owns_engine:
             await self.engine.aclose()
 
@@ -328,6 +453,9 @@ class SpeechStream:
         self._cancel = threading.Event()
         self._ended = False
         self._started = time.perf_counter()
+        #: When the first chunk went out: the listener's playback clock, from which each later
+        #: chunk's deadline (the moment their audio would run out) follows.
+        self._play_start: float | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._finished = False
 
@@ -395,14 +523,23 @@ class SpeechStream:
 
     # -- work ----------------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Clauses in order, two at a time: while one clause's chunks are vocoded, the next one's
+        speech tokens are already being written, so a clause boundary costs no TTS-3B prefill
+        and no first tokens on the listener's clock."""
+        queue: asyncio.Queue[_Clause | None] = asyncio.Queue()
+        speaker = asyncio.get_running_loop().create_task(self._speak_all(queue))
         try:
             index = 0
             while True:
                 clause = await self._clauses.get()
                 if clause is None:
                     break
-                await self._speak(index, clause)
+                job = await self._prepare(index, clause)
+                queue.put_nowait(job)
+                await self._generate(job)
                 index += 1
+            queue.put_nowait(None)
+            await speaker
         except asyncio.CancelledError:
             pass
         except StepAudioError as err:
@@ -412,59 +549,92 @@ class SpeechStream:
             log.exception("tts stream failed")
             self._out.put_nowait(StepAudioError(f"speech synthesis failed: {type(err).__name__}: {err}"))
             return
+        finally:
+            if not speaker.done():
+                speaker.cancel()
+                with contextlib.suppress(BaseException):
+                    await speaker
         self._out.put_nowait(_END)
 
-    async def _speak(self, index: int, clause: str) -> None:
-        synth, report = self.synth, self.report
-        report.clauses.append(clause)
+    async def _prepare(self, index: int, clause: str) -> _Clause:
+        """Voice features, vocoder folder and the clause's token-to-wav stream."""
+        synth = self.synth
+        self.report.clauses.append(clause)
         feats = await asyncio.to_thread(synth.features, self.voice, clause)
         folder = vocoder_folder(clause)
         model = await asyncio.to_thread(synth.cosyvoice, folder)
-        solver, decode, encode = await synth.run_model(lambda: synth.accelerators(folder, feats))
-        engine = synth.engine
-        prompt = build_tts_prompt_ids(engine.tokenizer, clause, feats.prompt_text,
-                                      feats.prompt_speaker, feats.prompt_code)
-        limit = max_new_tokens_for(clause, model.config.input_frame_rate, len(prompt),
+        solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
+        opts = synth.options.stream
+        if index > 0:  # the listener already has audio: later clauses start with a full hop
+            opts = replace(opts, first_frames=max(opts.first_frames, opts.max_hop_frames))
+        st = open_token2wav(synth.streaming, model, feats, low_latency=opts,
+                            cosyvoice=synth.options.cosyvoice, seed=self.seed + index,
+                            solver=solver, decode=decode, encode=encode)
+        return _Clause(index, clause, folder, feats, model, st)
+
+    async def _generate(self, job: _Clause) -> None:
+        """TTS-3B for one clause: its speech tokens go into the clause's stream as they come."""
+        synth, report = self.synth, self.report
+        engine, index, clause = synth.engine, job.index, job.text
+        prompt = build_tts_prompt_ids(engine.tokenizer, clause, job.feats.prompt_text,
+                                      job.feats.prompt_speaker, job.feats.prompt_code)
+        limit = max_new_tokens_for(clause, job.model.config.input_frame_rate, len(prompt),
                                    engine.max_model_len, music=is_music(clause))
+        planned = synth.options.clause_tokens is not None
+        if planned:
+            limit = min(limit, synth.options.clause_tokens(clause))
         if limit <= 1:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
                                      in_process_rule=getattr(engine, "name", "") == "transformers")
-        st = open_token2wav(synth.streaming, model, feats, low_latency=synth.options.stream,
-                            cosyvoice=synth.options.cosyvoice, seed=self.seed + index,
-                            solver=solver, decode=decode, encode=encode)
         filt = AudioTokenFilter()
-        sr = int(model.sample_rate)
+        if report.first_request_at is None:
+            report.first_request_at = time.perf_counter()
         try:
             gen = engine.generate(prompt, params)
         except EngineError as err:
             raise SynthesisError(f"TTS-3B refused clause {index}: {err}") from None
         try:
             async for delta in gen:
-                st.push(filt(delta.token_ids))
-                while st.ready():
-                    self._emit(await self._chunk(st), sr, index, clause)
-            if gen.finish_reason is FinishReason.LENGTH:
+                job.st.push(filt(delta.token_ids))
+                job.wake.set()
+            if gen.finish_reason is FinishReason.LENGTH and not planned:
                 report.warnings.append(f"clause {index} reached its {limit}-token cap without "
                                        "<|EOT|>")
             report.finish_reasons.append(gen.finish_reason.value if gen.finish_reason else "?")
-            st.finish()
-            while st.ready():
-                self._emit(await self._chunk(st), sr, index, clause)
         except EngineError as err:
             raise SynthesisError(f"TTS-3B failed on clause {index}: {err}") from None
         finally:
             await gen.aclose()
+            job.st.finish()
+            job.generating = False
+            job.wake.set()
             report.flow_tokens += filt.kept
             report.skipped_ids += filt.skipped
             if filt.skipped:
                 log.info("tts: clause %d: %d non-audio ids skipped (e.g. %s)", index, filt.skipped,
                          filt.skipped_ids[:4])
 
-    async def _chunk(self, st: Token2WavStream) -> np.ndarray:
+    async def _speak_all(self, queue: asyncio.Queue[_Clause | None]) -> None:
+        """Vocode the clauses in order, each chunk as soon as its tokens are there."""
+        while (job := await queue.get()) is not None:
+            sr = int(job.model.sample_rate)
+            while True:
+                job.wake.clear()
+                if job.st.ready():
+                    self._emit(await self._chunk(job.st, job.folder), sr, job.index, job.text)
+                elif job.generating:
+                    await job.wake.wait()
+                else:
+                    break
+
+    async def _chunk(self, st: Token2WavStream, folder: str) -> np.ndarray:
         if self._cancel.is_set():
             raise asyncio.CancelledError
-        wav = await self.synth.run_model(st.next_chunk)
+        first = self._play_start is None
+        deadline = time.perf_counter() if first else self._play_start + self.report.audio_s
+        wav = await self.synth.vocode(st, folder, deadline=deadline, first=first,
+                                      cancelled=self._cancel.is_set)
         self.report.chunks.append(st.stats[-1])
         if self._cancel.is_set():
             raise asyncio.CancelledError
@@ -474,8 +644,9 @@ class SpeechStream:
         if pcm.size == 0:
             return
         chunk = AudioChunk(pcm, sr, index, clause)
-        if self.report.first_chunk_s is None:
-            self.report.first_chunk_s = time.perf_counter() - self._started
+        if self._play_start is None:
+            self._play_start = self.report.first_chunk_at = time.perf_counter()
+            self.report.first_chunk_s = self._play_start - self._started
         self.report.audio_s += chunk.seconds
         self._out.put_nowait(chunk)
 

@@ -121,6 +121,7 @@ class AloneRunner:
     decode: DecodeFn | None = None
     encode: EncodeFn | None = None
 
+    @torch.inference_mode()
     def __call__(self, request: Request) -> torch.Tensor:
         if isinstance(request, Encode) and self.encode is not None:
             return self.encode(request.ids[None])[0]
