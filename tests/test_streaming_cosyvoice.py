@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from cosyvoice_reference import HashDraws, checkpoint_fingerprint
+from test_vocoder_batching import _drain_batched
 
 from stepaudio.errors import ModelError
 from stepaudio.tts.cosyvoice import CosyVoice
@@ -111,19 +112,11 @@ def test_streams_batched_by_the_vocoder_scheduler_still_reproduce_cosyvoice(tiny
         expected.append(d["wav"])
     rounds = []
     scheduler = VocoderScheduler(max_rows=4, on_round=rounds.append)
-    runner = BatchRunner(tiny_cv.flow, tiny_cv.hift)
-    out: list[list[np.ndarray]] = [[] for _ in streams]
     try:
-        while any(not st.done for st in streams):
-            futs = [(i, scheduler.submit(runner, st.chunk_work(), deadline=0.0, first=False,
-                                         cancelled=lambda: False))
-                    for i, st in enumerate(streams) if not st.done]
-            for i, fut in futs:
-                out[i].append(fut.result(timeout=120))
+        out = _drain_batched(streams, scheduler, BatchRunner(tiny_cv.flow, tiny_cv.hift))
     finally:
         scheduler.close()
-    for name, chunks, wav in zip(names, out, expected, strict=True):
-        got = np.concatenate(chunks)
+    for name, got, wav in zip(names, out, expected, strict=True):
         assert got.shape == wav.shape, name
         assert np.abs(got - wav).max() < 5e-3 and np.sqrt(np.mean((got - wav) ** 2)) < 2e-4, name
     assert max(r.rows.get("Solve", 0) for r in rounds) == 3  # really batched
