@@ -146,7 +146,7 @@ def test_first_chunk_waits_for_hop_plus_overlap_tokens_then_every_hop(tiny_cv):
         st.next_chunk()
 
 
-def test_bad_tokens_and_late_pushes_are_refused_and_empty_utterances_end_cleanly(tiny_cv):
+def test_bad_tokens_and_late_pushes_are_refused_and_an_empty_utterance_has_no_chunk(tiny_cv):
     _, speaker = _case("short")
     st = CosyVoiceToken2Wav(tiny_cv, speaker)
     with pytest.raises(ModelError, match="outside 0..5119"):
@@ -154,8 +154,8 @@ def test_bad_tokens_and_late_pushes_are_refused_and_empty_utterances_end_cleanly
     st.finish()
     with pytest.raises(ModelError, match="after finish"):
         st.push([1])
-    assert st.ready() and st.total_frames == 0
-    assert st.drain()[0].size == 0 and st.done and st.committed_frames == 0
+    assert st.done and not st.ready() and st.total_frames == 0  # as the low-latency mode
+    assert st.drain() == [] and st.committed_frames == 0 and st.stats == []
 
 
 def test_seeded_draws_are_per_chunk_and_repeatable():

@@ -311,10 +311,11 @@ class CosyVoiceToken2Wav(TokenFeed):
 
     @property
     def done(self) -> bool:
-        return self._last_done
+        """The last chunk went out (or the utterance ended without a token: nothing to say)."""
+        return self._last_done or (self.finished and not self.tokens)
 
     def _next(self) -> ChunkPlan | None:
-        if self._last_done:
+        if self.done:
             return None
         return self.win.next_chunk(self._chunks, self._start, len(self.tokens), self.finished)
 
@@ -333,9 +334,6 @@ class CosyVoiceToken2Wav(TokenFeed):
         plan = self._next()
         if plan is None:
             raise ModelError("streaming token2wav: no chunk is ready")
-        if plan.end == plan.start:  # nothing was ever pushed
-            self._last_done = True
-            return np.zeros(0, np.float32)
         t0 = time.perf_counter()
         mel = yield from self._flow(self.tokens[plan.start: plan.end], plan.index)
         t1 = time.perf_counter()
