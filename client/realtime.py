@@ -23,9 +23,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # bad input file, missing optional package, no reply in time
 EXIT_USAGE = 2  # argparse's own status for bad options
 EXIT_UNREACHABLE = 3  # nothing listens there, or it is not a realtime server
-EXIT_AUTH = 4  # the server refused the API key (close 4001, HTTP 401/403)
-EXIT_NOT_READY = 5  # the server is still loading, shutting down, or full (close 1013)
+EXIT_AUTH = 4  # the server refused the API key (HTTP 401)
+EXIT_NOT_READY = 5  # the server is still loading, shutting down, or full (HTTP 503, close 1013)
 EXIT_LOST = 6  # the connection dropped in the middle of the session
+EXIT_FORBIDDEN = 7  # the server refused the host name or origin (HTTP 403)
 EXIT_CODES = {
     EXIT_OK: "the session ended normally",
     EXIT_ERROR: "bad input, a missing optional package, or no reply in time",
@@ -35,11 +36,13 @@ EXIT_CODES = {
     EXIT_AUTH: "the server refused the API key",
     EXIT_NOT_READY: "the server is not ready yet (still loading models), shutting down, or full",
     EXIT_LOST: "the connection was lost during the session",
+    EXIT_FORBIDDEN: "the server does not answer to this host name or origin "
+    "(server.allowed_hosts / allowed_origins)",
 }
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_LATER = 1013
-CLOSE_UNAUTHORIZED = 4001
+CLOSE_UNAUTHORIZED = 4001  # servers before HTTP refusals closed a wrong key with this
 
 SAMPLE_RATE = 24000  # pcm16 24 kHz mono: the protocol's default audio format, both directions
 
@@ -99,6 +102,27 @@ def closed_error(err: ConnectionClosed, url: str, *, during: str = "session") ->
     return ClientError(f"{url}: connection lost during the {during} ({what}: {reason})", EXIT_LOST)
 
 
+def refused_error(err: InvalidStatus, url: str) -> ClientError:
+    """Turn an HTTP refusal of the handshake into the message and exit status to show."""
+    response = err.response
+    status = response.status_code
+    body = (response.body or b"").decode("utf-8", "replace").strip().splitlines()
+    reason = f" ({body[0][:200]})" if body else ""
+    if status == 401:
+        return ClientError(f"{url}: the server refused the API key (HTTP 401){reason}; pass "
+                           "--api-key or set STEPAUDIO_API_KEY", EXIT_AUTH)
+    if status == 403:
+        return ClientError(f"{url}: the server refused this connection (HTTP 403){reason}",
+                           EXIT_FORBIDDEN)
+    if status == 503:
+        retry = response.headers.get("Retry-After")
+        when = f"; try again in {retry} s" if retry else ""
+        return ClientError(f"{url}: the server cannot take this session now (HTTP 503)"
+                           f"{reason}{when}", EXIT_NOT_READY)
+    return ClientError(f"{url}: not a realtime endpoint (HTTP {status}); is the address "
+                       "right?", EXIT_UNREACHABLE)
+
+
 @dataclass
 class Connection:
     """One realtime WebSocket: JSON events in and out."""
@@ -133,8 +157,9 @@ async def open_connection(url: str, api_key: str | None, *, timeout_s: float = 1
                           ) -> Connection:
     """Connect and wait for ``session.created``, so a refusal shows up here and not later.
 
-    The server accepts the handshake before it checks readiness and the key (it answers with a
-    close frame), so only the first event proves the session is really open.
+    The server refuses over HTTP (401 key, 403 host or origin, 503 not ready or full); a server
+    that fills up between the check and the upgrade closes with 1013, so only the first event
+    proves the session is really open.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
@@ -144,15 +169,7 @@ async def open_connection(url: str, api_key: str | None, *, timeout_s: float = 1
     except InvalidURI as err:
         raise ClientError(f"{url}: not a WebSocket URL ({err})", EXIT_USAGE) from None
     except InvalidStatus as err:
-        status = err.response.status_code
-        if status in (401, 403):
-            raise ClientError(f"{url}: the server refused the API key (HTTP {status})",
-                              EXIT_AUTH) from None
-        if status == 503:
-            raise ClientError(f"{url}: the server is not ready (HTTP 503)", EXIT_NOT_READY) \
-                from None
-        raise ClientError(f"{url}: not a realtime endpoint (HTTP {status}); is the address "
-                          "right?", EXIT_UNREACHABLE) from None
+        raise refused_error(err, url) from None
     except (OSError, TimeoutError, asyncio.TimeoutError, InvalidHandshake) as err:
         detail = str(err) or type(err).__name__
         raise ClientError(f"{url}: server unreachable ({detail}); is `stepaudio serve` running "

@@ -6,17 +6,19 @@ Routes (plain HTTP answers come from ``process_request``, before any WebSocket h
 - ``/``: the browser demo (``client/web/index.html``), or a page saying it is not built yet; other
   files of ``client/web/`` are served by name.
 - ``/healthz``: 200 while the process runs. ``/readyz``: 200 only once every model is loaded and
-  warmed up (a real short turn went through every stage), 503 before.
+  warmed up (a real short turn went through every stage), 503 before; its body carries warnings
+  (listening beyond loopback without a key).
 - ``/metrics``: Prometheus text.
 
-Start-up listens first (so ``/healthz`` and ``/readyz`` answer during loading), then loads and
-warms the models in a thread; WebSocket clients that come too early are closed with 1013 (try
-again later). SIGTERM/SIGINT stop accepting, cancel the replies in progress, let queued events
-out for ``shutdown_grace_s`` and close every socket with 1001.
+Refusals are plain HTTP, before the upgrade (``server/admission.py``): 400/403 for a foreign Host,
+403 for a foreign Origin, 401 for a missing or wrong key, 503 with Retry-After while loading,
+draining or full. Start-up listens first (so ``/healthz`` and ``/readyz`` answer during loading),
+then loads and warms the models in a thread. SIGTERM/SIGINT stop accepting, cancel the replies
+in progress, let queued events out for ``shutdown_grace_s`` and close every socket with 1001.
 
 Close codes: 1001 server shutting down, 1008 the client does not read its events (send queue
-full), 1009 a message over twice the event size limit, 1011 internal error, 1013 not ready or
-full, 4001 missing or wrong API key.
+full), 1009 a message over twice the event size limit, 1011 internal error, 1013 full (only when
+more clients pass the HTTP check at once than there are places left).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
 import logging
 import os
 import signal
@@ -36,9 +37,16 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from server.admission import (
+    KEY_SUBPROTOCOL,
+    Gate,
+    http_response,
+    offered_subprotocols,
+    refusal,
+    text_response,
+)
 from server.metrics import CONTENT_TYPE, LoopLagMonitor, Metrics
 from server.protocol import dialect_from_handshake
 from server.session import Session, SessionEnv, default_session_config
@@ -48,9 +56,7 @@ from stepaudio.systemd import notify
 
 log = logging.getLogger("stepaudio.server")
 
-CLOSE_UNAUTHORIZED = 4001
 CLOSE_TRY_LATER = 1013
-KEY_SUBPROTOCOL = "openai-insecure-api-key."
 WEB_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -78,14 +84,24 @@ def web_dir() -> Path:
     return Path(client.__file__).resolve().parent / "web"
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store")])
-    return Response(status.value, status.phrase, headers, body)
+class _HandshakeNoise(logging.Filter):
+    """A request that is not a WebSocket handshake (a POST, a 10 kB URL, a port scanner) costs
+    one line at INFO, not an ERROR with a traceback per request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "opening handshake failed" or not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+        log.info("refused a request that is not a WebSocket handshake: %s",
+                 str(cause)[:200] or type(cause).__name__)
+        return False
 
 
-def _text(status: HTTPStatus, text: str) -> Response:
-    return _response(status, text.encode("utf-8"), "text/plain; charset=utf-8")
+#: websockets' own logger for this server's connections (it carries the filter above).
+WS_LOG = logging.getLogger("stepaudio.server.websockets")
+WS_LOG.setLevel(logging.WARNING)  # not a line per connection opened or refused
+WS_LOG.addFilter(_HandshakeNoise())
 
 
 class Server:
@@ -108,6 +124,9 @@ class Server:
         self.warmup_ms: dict[str, float] = {}
         key_env = cfg.server.api_key_env
         self.api_key = os.environ.get(key_env, "") if key_env else ""
+        self.gate = Gate(self.api_key, cfg.server.host, cfg.server.allowed_hosts,
+                         list(cfg.server.allowed_origins))
+        self.warnings: list[str] = [w for w in (self.gate.warning,) if w]
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -124,8 +143,11 @@ class Server:
             ping_interval=20,
             ping_timeout=20,
             close_timeout=5,
+            logger=WS_LOG,
         )
         self.port = self._ws_server.sockets[0].getsockname()[1]
+        for warning in self.warnings:
+            log.warning("%s", warning)
         self.lag.start()
 
     async def load(self) -> None:
@@ -170,18 +192,43 @@ class Server:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
+    @property
+    def draining(self) -> bool:
+        return self.state == "shutting down"
+
+    def capacity_refusal(self) -> Response | None:
+        """503 (with Retry-After) while this server cannot take a new session."""
+        if self.draining:
+            return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down; try another server "
+                           "or come back in a moment")
+        if not self.ready or self.env is None:
+            return refusal(HTTPStatus.SERVICE_UNAVAILABLE,
+                           f"not ready ({self.state}); try again in a moment")
+        if len(self.sessions) >= self.cfg.server.max_sessions:
+            return refusal(HTTPStatus.SERVICE_UNAVAILABLE,
+                           f"server full ({self.cfg.server.max_sessions} sessions); try again "
+                           "later")
+        return None
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        refused = self.gate.check_host(request)
+        if refused is not None:
+            return refused
         if path == "/v1/realtime":
-            return None  # the WebSocket handshake goes on; readiness and auth are checked after
+            # None: the WebSocket handshake goes on
+            return (self.gate.check_origin(request) or self.gate.check_key(request)
+                    or self.capacity_refusal())
         if path == "/healthz":
-            return _text(HTTPStatus.OK, "ok\n")
+            return text_response(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
+            notes = "".join(f"warning: {w}\n" for w in self.warnings)
             if self.ready:
-                return _text(HTTPStatus.OK, "ready\n")
-            return _text(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {self.state}\n")
+                return text_response(HTTPStatus.OK, "ready\n" + notes)
+            return text_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                 f"not ready: {self.state}\n" + notes)
         if path == "/metrics":
-            return _response(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE)
+            return http_response(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE)
         return self._static(path)
 
     def _static(self, path: str) -> Response:
@@ -189,24 +236,19 @@ class Server:
         name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
         if name.startswith("web/"):
             name = name[4:]
-        target = (folder / name).resolve() if name and ".." not in name else None
-        if target is not None and target.is_file() and folder.resolve() in target.parents \
-                and target.suffix in WEB_TYPES:
-            return _response(HTTPStatus.OK, target.read_bytes(), WEB_TYPES[target.suffix])
+        try:
+            target = (folder / name).resolve() if name and ".." not in name else None
+            if target is not None and target.is_file() and folder.resolve() in target.parents \
+                    and target.suffix in WEB_TYPES:
+                return http_response(HTTPStatus.OK, target.read_bytes(),
+                                     WEB_TYPES[target.suffix])
+        except (OSError, ValueError):  # a path no file can have (a NUL, too long): not found
+            pass
         if name == "index.html":
-            return _response(HTTPStatus.OK, NOT_BUILT.encode(), WEB_TYPES[".html"])
-        return _text(HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
+            return http_response(HTTPStatus.OK, NOT_BUILT.encode(), WEB_TYPES[".html"])
+        return text_response(HTTPStatus.NOT_FOUND, f"no such page: {path[:200]}\n")
 
     # -- WebSocket --------------------------------------------------------------------------------
-
-    @staticmethod
-    def _offered(request: Request | None) -> list[str]:
-        if request is None:
-            return []
-        out: list[str] = []
-        for value in request.headers.get_all("Sec-WebSocket-Protocol"):
-            out += [p.strip() for p in value.split(",") if p.strip()]
-        return out
 
     @staticmethod
     def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> Any:
@@ -219,36 +261,18 @@ class Server:
         rest = [p for p in offered if not p.startswith(KEY_SUBPROTOCOL)]
         return (rest or offered or [None])[0]
 
-    def _authorized(self, request: Request | None) -> bool:
-        if not self.api_key:
-            return True
-        if request is None:
-            return False
-        given: list[str] = []
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            given.append(auth[7:].strip())
-        given += [p[len(KEY_SUBPROTOCOL):] for p in self._offered(request)
-                  if p.startswith(KEY_SUBPROTOCOL)]
-        return any(hmac.compare_digest(g.encode(), self.api_key.encode()) for g in given)
-
     async def _handler(self, ws: ServerConnection) -> None:
         request = ws.request
-        if not self.ready or self.env is None:
-            await ws.close(CLOSE_TRY_LATER, f"not ready ({self.state}); try again in a moment")
-            return
-        if not self._authorized(request):
-            await ws.close(CLOSE_UNAUTHORIZED,
-                           "missing or wrong API key: send 'Authorization: Bearer KEY' or the "
-                           "subprotocol 'openai-insecure-api-key.KEY'")
-            return
-        if len(self.sessions) >= self.cfg.server.max_sessions:
-            await ws.close(CLOSE_TRY_LATER, f"server full ({self.cfg.server.max_sessions} "
-                           "sessions); try again later")
+        # Checked over HTTP already; a race of handshakes can still overfill the server.
+        refused = self.capacity_refusal()
+        if refused is not None or request is None or self.env is None:
+            reason = refused.body.decode() if refused is not None and refused.body else "refused"
+            await ws.close(CLOSE_TRY_LATER, reason.strip()[:120])
             return
         assert request is not None
         query = dict(parse_qsl(urlsplit(request.path).query))
-        dialect = dialect_from_handshake(request.headers, self._offered(request), query)
+        dialect = dialect_from_handshake(request.headers, offered_subprotocols(request.headers),
+                                         query)
         session = Session(ws, self.env, dialect)
         self.sessions.add(session)
         self.metrics.sessions.inc()
@@ -328,4 +352,12 @@ def run_server(cfg: Config, models_root: Path) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     loop = _use_uvloop(cfg.server.event_loop)
     log.info("event loop: %s", loop)
+    # The model threads (TTS-3B's decode loop, the vocoder, the VAD pump) each give up the GIL
+    # around every device wait and must then win it back from the others; at the default 5 ms
+    # switch interval each such wait cost a busy server up to 5 ms more per thread in line.
+    sys.setswitchinterval(GIL_SWITCH_S)
     return asyncio.run(_serve(cfg, Path(models_root)))
+
+
+#: Python's thread switch interval in the server (default 5 ms).
+GIL_SWITCH_S = 0.0005

@@ -44,6 +44,13 @@ def approx_token_count(text: str) -> int:
     return len(text)
 
 
+def utf8_len(text: str | None) -> int:
+    """Bytes of ``text`` in UTF-8 (without encoding the ASCII majority)."""
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _is_word_char(ch: str) -> bool:
     return ch.isascii() and ch.isalnum()
 
@@ -75,6 +82,12 @@ class Turn:
     @property
     def audio_ms(self) -> float:
         return self.marks[-1][0] if self.marks else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """What this turn weighs for the history's byte cap: its text as UTF-8, 4 bytes per
+        audio token."""
+        return utf8_len(self.text) + 4 * len(self.audio_tokens or ())
 
     def offset_at(self, audio_ms: float) -> int:
         """How much of the text had been spoken after ``audio_ms`` of this turn's audio.
@@ -112,6 +125,9 @@ class ContextManager:
     count_tokens: Callable[[str], int] = approx_token_count
     #: Items kept at all (memory bound); older ones are forgotten for good.
     max_items: int = 256
+    #: Bytes of history kept (:attr:`Turn.nbytes` summed); past it the oldest items are
+    #: forgotten. Clients adding items check :meth:`room_for` first and are told when full.
+    max_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self._turns: list[Turn] = []
@@ -147,10 +163,26 @@ class ContextManager:
             prev = self.get(previous_item_id)
             self._turns.insert(self._turns.index(prev) + 1, turn)
         self._index[turn.item_id] = turn
-        while len(self._turns) > self.max_items:
+        while len(self._turns) > self.max_items or (
+                len(self._turns) > 1 and self.nbytes > self.max_bytes):
             old = self._turns.pop(0)
             del self._index[old.item_id]
         return turn
+
+    @property
+    def nbytes(self) -> int:
+        """The history's weight against :attr:`max_bytes`."""
+        return sum(t.nbytes for t in self._turns)
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether an item of ``nbytes`` fits without forgetting anything."""
+        return self.nbytes + nbytes <= self.max_bytes
+
+    def clear(self) -> None:
+        """Forget everything (the session closed: its memory goes now, not at the next
+        collection of reference cycles)."""
+        self._turns.clear()
+        self._index.clear()
 
     def add_user_audio(
         self, item_id: str, audio_tokens: Sequence[int], previous_item_id: str | None = None

@@ -64,10 +64,14 @@ class Outbox:
             self.on_bytes(delta)
 
     def put(self, msg: Outgoing) -> bool:
-        """Queue a message; False (and the connection closing) when the client is not reading."""
+        """Queue a message; False (and the connection closing) when the client is not reading.
+
+        "Not reading" is judged by what is already queued: one message larger than the whole
+        limit (the echo of a big but valid item) still goes out to a client that keeps up, so
+        the queue holds at most ``max_bytes`` plus one message."""
         if self.closed:
             return False
-        if self.bytes + msg.size > self.max_bytes:
+        if self.bytes and self.bytes + msg.size > self.max_bytes:
             self.overflow()
             return False
         self._q.append(msg)

@@ -9,13 +9,21 @@ client has not been told about it yet). Committing releases them in order behind
 Interruption is one method, :meth:`Reply.cancel`: it stops the LLM and the TTS at once (each
 checks its flag between steps), and, if the client was already hearing the reply, sends the
 closing events so ``response.done`` (cancelled) follows the barge-in immediately.
+
+Failure is one path too: an exception in any stage (tokenizer, prompt, chat model, speech, wire
+encoding) ends the reply with an ``error`` event and ``response.done`` (failed, the stage and the
+reason in ``status_details``). The chat model and the speech run side by side, and the first of
+them to fail stops the other: a chat backend that dies mid-reply must not leave the speech
+waiting for text that never comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +38,7 @@ from server.protocol import (
     ContentPartDone,
     ConversationItemCreated,
     ConversationItemDone,
+    ErrorEvent,
     Item,
     OutputItemAdded,
     OutputItemDone,
@@ -53,6 +62,41 @@ log = logging.getLogger(__name__)
 
 #: A speculation holds at most this much audio before it waits for its commit.
 HOLD_LIMIT_MS = 3000.0
+
+
+class StageFailed(Exception):
+    """A model stage raised during a reply; the message names the stage."""
+
+    def __init__(self, stage: str, err: BaseException) -> None:
+        super().__init__(f"{stage}: {err}")
+        self.stage = stage
+        self.err = err
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Name the stage of whatever fails in this block (for the client's error and the log)."""
+    try:
+        yield
+    except (StageFailed, asyncio.CancelledError):
+        raise
+    except Exception as err:
+        raise StageFailed(name, err) from err
+
+
+async def _side_by_side(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines together until all are done; the first to fail cancels the others
+    and its exception is raised (none is left running or unretrieved)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task in done and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -239,35 +283,34 @@ class Reply:
         try:
             pending: list[int] | None = None
             if self.tokens_future is not None:
-                tokens = await self.tokens_future
+                with _stage("audio tokenizer"):
+                    tokens = await self.tokens_future
                 self.t.tokens = tokens
                 if self.pending_audio:
                     pending = tokens.ids
             if self.user_item is not None and not self.pending_audio:
-                await self.host.wait_user_turn(self.user_item)
-            system, history, audio, text_prompt = self.host.prompt_inputs(self, pending)
-            t0 = time.perf_counter()
-            self.prompt = await st.chat.fit(system, history, audio, text_prompt)
+                with _stage("audio tokenizer"):
+                    await self.host.wait_user_turn(self.user_item)
+            with _stage("prompt"):
+                system, history, audio, text_prompt = self.host.prompt_inputs(self, pending)
+                t0 = time.perf_counter()
+                self.prompt = await st.chat.fit(system, history, audio, text_prompt)
             self.t.prompt_ms = (time.perf_counter() - t0) * 1000.0
             self.usage.input_audio_tokens = self.prompt.audio_tokens
             self.usage.input_text_tokens = max(0, len(self.prompt.ids) - self.prompt.audio_tokens)
             if self.committed:
                 self.host.attach_assistant(self)
             self._emit_start()
-            params = st.chat.params(self.settings.temperature, self.settings.max_output_tokens)
-            self.t.llm_start = time.perf_counter()
-            self._gen = st.chat.generate(self.prompt, params)
+            with _stage("chat model"):
+                params = st.chat.params(self.settings.temperature, self.settings.max_output_tokens)
+                self.t.llm_start = time.perf_counter()
+                self._gen = st.chat.generate(self.prompt, params)
             if self.settings.audio_output:
-                self._tts = st.speech.open(self.settings.speaker, new_seed())
-                if self.settings.tts_instruction:
-                    self._tts.push_text(self.settings.tts_instruction)
-                llm = asyncio.get_running_loop().create_task(self._pump_llm())
-                try:
-                    await self._pump_audio()
-                finally:
-                    if not llm.done():
-                        llm.cancel()
-                await llm
+                with _stage("speech synthesis"):
+                    self._tts = st.speech.open(self.settings.speaker, new_seed())
+                    if self.settings.tts_instruction:
+                        self._tts.push_text(self.settings.tts_instruction)
+                await _side_by_side(self._pump_llm(), self._pump_audio())
             else:
                 await self._pump_llm()
             reason = self._gen.finish_reason
@@ -275,8 +318,10 @@ class Reply:
         except asyncio.CancelledError:
             if not self.finished:  # cancelled from outside without cancel(): the session closed
                 self.cancel("session_closed")
-        except (StepAudioError, OSError) as err:
-            log.warning("response %s failed: %s", self.response.id, err)
+        except StageFailed as err:
+            expected = isinstance(err.err, (StepAudioError, OSError))
+            log.log(logging.WARNING if expected else logging.ERROR, "response %s failed in the "
+                    "%s: %s", self.response.id, err.stage, err.err, exc_info=not expected)
             self._fail(err)
         except Exception as err:  # a bug ends this reply, never the session
             log.exception("response %s failed", self.response.id)
@@ -290,6 +335,13 @@ class Reply:
                         pass
 
     async def _pump_llm(self) -> None:
+        with _stage("chat model"):
+            await self._read_llm()
+        if self._tts is not None:
+            with _stage("speech synthesis"):
+                self._tts.end_text()
+
+    async def _read_llm(self) -> None:
         gen = self._gen
         async for delta in gen:
             if delta.text:
@@ -307,19 +359,24 @@ class Reply:
         self.t.llm_end = time.perf_counter()
         if gen.usage is not None:
             self.usage.output_text_tokens = gen.usage.completion_tokens
-        if self._tts is not None:
-            self._tts.end_text()
 
     async def _pump_audio(self) -> None:
         st = self.host.stages
         fmt = self.settings.output_format
         clause = -1
-        async for chunk in self._tts:
+        tts = aiter(self._tts)
+        while True:
+            with _stage("speech synthesis"):
+                try:
+                    chunk = await anext(tts)
+                except StopAsyncIteration:
+                    break
             if self.t.tts_first is None:
                 self.t.tts_first = time.perf_counter()
-            if self._resampler is None and chunk.sample_rate != fmt.rate:
-                self._resampler = StreamingResampler(chunk.sample_rate, fmt.rate)
-            b64, n = await st.speech.encode(self._resampler, chunk.pcm, fmt)
+            with _stage("audio encoding"):
+                if self._resampler is None and chunk.sample_rate != fmt.rate:
+                    self._resampler = StreamingResampler(chunk.sample_rate, fmt.rate)
+                b64, n = await st.speech.encode(self._resampler, chunk.pcm, fmt)
             if n == 0:
                 continue
             if self.t.first_ready is None:
@@ -343,10 +400,14 @@ class Reply:
     # -- the end ----------------------------------------------------------------------------------
 
     def _fail(self, err: BaseException) -> None:
+        """The reply ends here: an ``error`` event, then the closing events (failed). The audio
+        already sent stays the reply's, and its history holds what that audio said."""
         if self.finished:
             return
+        where = f"in the {err}" if isinstance(err, StageFailed) else f"(internal error: {err})"
         self.response.error = ProtocolError(type="server_error", code="response_failed",
-                                            message=f"the reply failed: {err}"[:300])
+                                            message=f"the reply failed {where}"[:300])
+        self._emit(ErrorEvent(error=self.response.error))
         self._finish("failed")
 
     def _finish(self, status: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from server import controller as ctl
 from server.clock import InputClock
-from server.context import ContextError, ContextManager
+from server.context import ContextError, ContextManager, utf8_len
 from server.controller import Controller, ControllerConfig
 from server.outbox import Outbox, Outgoing
 from server.protocol import (
@@ -145,6 +145,10 @@ class UserTurn:
     inserted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
                                            .create_future())
 
+    def __post_init__(self) -> None:
+        # A failed turn may have no reply waiting on it: its failure is still "retrieved".
+        self.inserted.add_done_callback(lambda f: f.cancelled() or f.exception())
+
 
 class Session:
     """One WebSocket connection (see the module docstring)."""
@@ -159,7 +163,9 @@ class Session:
         self.config = env.defaults.model_copy(update={"id": new_id("sess")})
         self.controller = Controller(ControllerConfig.from_session(self.config))
         self.context = ContextManager(instructions=self.config.instructions,
-                                      max_tokens=self.stages.chat.budget)
+                                      max_tokens=self.stages.chat.budget,
+                                      max_bytes=scfg.max_history_bytes)
+        self.max_item_bytes = min(scfg.max_item_bytes, scfg.max_send_queue_bytes // 4)
         self.clock = InputClock(scfg.stall_grace_ms)
         self.turn = TurnInput(self.stages.tokenizer)
         self.pump = self.stages.pump.client(self._vad_params(), self._on_pump)
@@ -191,16 +197,23 @@ class Session:
         td = self.config.turn_detection
         return VADParams(threshold=td.threshold if td is not None else 0.5)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, *, awaited: bool = False) -> asyncio.Task[Any]:
+        """A task the session cancels when it closes. ``awaited``: its result (or failure)
+        belongs to whoever awaits it (a turn's tokens), so a failure is not logged here."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._awaited_done if awaited else self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("session task failed", exc_info=task.exception())
+
+    def _awaited_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an unawaited failure is not an asyncio warning
 
     @property
     def events_on(self) -> bool:
@@ -270,6 +283,22 @@ class Session:
         for task in list(self.tasks):
             task.cancel()
         await self.outbox.aclose()
+        running = [r.task for r in self.replies.values() if not r.task.done()]
+        if running:  # their cleanup (closing the LLM stream and the TTS) is short
+            await asyncio.wait(running, timeout=5.0)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Let go of the conversation now. The session, its replies, its outbox and its pump
+        client point at each other, so without this a closed session's history (megabytes of
+        items) would wait for the cycle collector."""
+        self.context.clear()
+        self.items.clear()
+        self.replies.clear()
+        self.reply_by_item.clear()
+        self.user_turns.clear()
+        self.turn_items.clear()
+        self.next_response_params = None
 
     async def shutdown(self, grace_s: float) -> None:
         """Server shutdown: stop replies, let queued events out for a moment, then close 1001."""
@@ -433,6 +462,20 @@ class Session:
         if item.id in self.context:
             self.error(ProtocolError(code="invalid_value", param="item.id", event_id=ev.event_id,
                                      message=f"an item {item.id!r} already exists"))
+            return
+        size = sum(utf8_len(p.text) + utf8_len(p.transcript) for p in ev.item.content or [])
+        if size > self.max_item_bytes:
+            self.error(ProtocolError(
+                code="item_too_large", param="item.content", event_id=ev.event_id,
+                message=f"conversation.item.create: the item's text is {size} bytes, over this "
+                f"server's limit of {self.max_item_bytes} (server.max_item_bytes)"))
+            return
+        if not self.context.room_for(size):
+            self.error(ProtocolError(
+                code="conversation_full", param="item", event_id=ev.event_id,
+                message=f"conversation.item.create: the conversation holds {self.context.nbytes} "
+                f"bytes and this item would take it past {self.context.max_bytes} "
+                "(server.max_history_bytes); delete items (conversation.item.delete) first"))
             return
         audio_ids: list[int] = []
         for part in ev.item.content or []:
@@ -607,7 +650,7 @@ class Session:
         else:
             if not self.turn.is_open and self.config.turn_detection is not None:
                 self.turn.open(self.clock.audio_at(a.audio_start_ms))
-            tokens = self._spawn(self.turn.finish(end_audio))
+            tokens = self._spawn(self.turn.finish(end_audio), awaited=True)
             self.metrics.turns.labels("vad" if self.config.turn_detection else "manual").inc()
         self.buffer_start = a.audio_end_ms
         ut = UserTurn(item_id, prev, tokens)
@@ -720,7 +763,7 @@ class Session:
 
     def _start_speculation(self, a: ctl.StartSpeculation) -> None:
         end_audio = self.clock.audio_at(a.audio_end_ms)
-        tokens = self._spawn(self.turn.snapshot(end_audio))
+        tokens = self._spawn(self.turn.snapshot(end_audio), awaited=True)
         reply = Reply(self, a.response_id, self._settings(None), speculative=True, tokens=tokens,
                       user_item=self._turn_item(a.turn_id), pending_audio=True)
         reply.spec_end_ms = a.audio_end_ms

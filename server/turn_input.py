@@ -23,11 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.workers import TokenizerStage, Tokens, TokenStream
+from stepaudio.errors import StepAudioError
 
 log = logging.getLogger(__name__)
 
 SR = 16000
 RING_SECONDS = 14.0
+
+
+class TokenizerFailed(StepAudioError):
+    """The tokenizer failed on this utterance: its ids are incomplete."""
 
 
 class AudioRing:
@@ -73,6 +78,8 @@ class _Utterance:
     start: int  # first sample fed
     fed: int  # samples fed so far
     closed: bool = False
+    #: A feed failed: the utterance's tokens are lost, and its snapshot and finish say so.
+    failed: BaseException | None = None
 
 
 class TurnInput:
@@ -85,7 +92,6 @@ class TurnInput:
         self._utt: _Utterance | None = None
         self._lock = asyncio.Lock()  # one tokenizer job at a time for this session
         self._feeder: asyncio.Task[None] | None = None
-        self.error: BaseException | None = None
         self._grown = asyncio.Event()
 
     # -- positions ------------------------------------------------------------------------------
@@ -156,6 +162,8 @@ class TurnInput:
             self._feeder = asyncio.get_running_loop().create_task(self._feed_loop())
 
     async def _feed_to(self, u: _Utterance, upto: int) -> None:
+        if u.failed is not None:
+            raise TokenizerFailed(f"this turn's audio could not be tokenized: {u.failed}") from u.failed
         while not u.closed and u.fed < upto:
             if u.fed < self.ring.start:  # fell out of the ring (cannot happen with backpressure)
                 log.warning("tokenizer fell %d samples behind the ring", self.ring.start - u.fed)
@@ -168,17 +176,18 @@ class TurnInput:
             await self.stage.feed(u.stream, pcm)
 
     async def _feed_loop(self) -> None:
-        try:
-            while True:
-                u = self._utt
-                if u is None or u.fed >= min(self.limit, self.ring.end):
-                    return
+        while True:
+            u = self._utt
+            if u is None or u.closed or u.fed >= min(self.limit, self.ring.end):
+                return
+            try:
                 async with self._lock:
                     await self._feed_to(u, min(self.limit, self.ring.end))
-        except Exception as err:  # a tokenizer failure ends this turn's tokens, not the session
-            log.exception("tokenizer feed failed")
-            self.error = err
-            self.discard()
+            except Exception as err:  # a tokenizer failure ends this turn, not the session
+                log.warning("tokenizer feed failed: %s", err)
+                u.failed = err  # the turn's snapshot and finish raise, so its reply fails
+                u.closed = True
+                return
 
     async def snapshot(self, end_ms: float) -> Tokens:
         """The ids of the utterance as if it ended at ``end_ms``; the stream stays open."""

@@ -363,14 +363,44 @@ class ServerConfig(_Section):
         "Bearer KEY, or the `openai-insecure-api-key.KEY` subprotocol browsers use). Unset or "
         "empty: no key is asked. The key itself never goes in YAML.",
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names the server answers to, besides IP addresses and localhost "
+        "(`.example.com` also matches its subdomains; `*`: any name); a request addressed to "
+        "another name gets 403, which stops DNS-rebinding pages. None: a keyless server on "
+        "loopback checks (IP addresses and localhost only), a server with an API key or one "
+        "listening beyond loopback takes any name (it is reached through proxies and DNS).",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web pages (origins such as `https://app.example.com`; `*`: any) that may "
+        "open sessions besides pages from the host the request is addressed to and from "
+        "localhost; others get 403 before the upgrade. Programs send no Origin and are not "
+        "checked.",
+    )
     max_sessions: int = Field(
-        256, ge=1, description="Connections beyond this are closed with 1013 (try again later)."
+        256, ge=1, description="Connections beyond this are refused with HTTP 503 and "
+        "Retry-After (try again later)."
     )
     max_event_bytes: int = Field(
         21 * 1024 * 1024,
         ge=1024,
         description="Largest client message answered with an `error` (OpenAI allows 15 MiB of "
         "audio per append); a message over twice this closes the connection (1009).",
+    )
+    max_item_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest text of one item a client creates (UTF-8 bytes of its text and "
+        "transcripts; also at most a quarter of max_send_queue_bytes, so its echoes always fit "
+        "the send queue); a bigger one is refused with `item_too_large`.",
+    )
+    max_history_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="History one session keeps (text as UTF-8, 4 bytes per audio token): an item "
+        "a client creates past it is refused with `conversation_full` (delete items to make "
+        "room); the server's own turns push the oldest items out instead.",
     )
     max_send_queue_bytes: int = Field(
         4 * 1024 * 1024,

@@ -7,6 +7,22 @@ shape over real HTTP on loopback, generating with our transformers engine on a t
 and ends streams with ``data: [DONE]`` as vLLM does. ``/stats`` reports the model's forward calls
 so tests can see that closing a stream stops generation on the server.
 
+It also fails on request, the ways a real backend fails mid-reply (a vLLM restart, a proxy timing
+out, an overloaded GPU): ``POST /fault`` with ``{"mode": ..., "after": N, "requests": K,
+"hold": bool, "text": "..."}`` makes the next K completion streams send N chunks and then
+
+- ``hang``: send nothing more and keep the connection open;
+- ``close``: close the connection cleanly without a finish reason;
+- ``reset``: abort the connection with a TCP reset;
+- ``garbage``: send bytes that are not an event stream;
+- ``error500``: send the error object vLLM sends when the engine dies mid-stream (code 500);
+- ``http500``: (before any chunk) answer HTTP 500 instead of a stream.
+
+``hold`` makes a stream wait after its N chunks (sending SSE keep-alive comments) until
+``POST /fault/release``, so a test can let the fault happen once the reply's first audio is out.
+``text`` streams that text, two characters a chunk, instead of the model's babble (a reply whose
+clauses are known). ``/fault`` with ``{"mode": "none"}`` restores normal service.
+
 Run: ``python tests/openai_server.py MODEL_DIR [--port 0]``; prints ``READY <port>`` when serving.
 """
 
@@ -17,16 +33,38 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import struct
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from stepaudio.llm.engine import EngineError, SamplingParams  # noqa: E402
+from stepaudio.llm.engine import Delta, EngineError, FinishReason, SamplingParams  # noqa: E402
 from stepaudio.llm.engine_transformers import TransformersEngine  # noqa: E402
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+FAULTS = ("none", "hang", "close", "reset", "garbage", "error500", "http500")
+KEEPALIVE_S = 0.2
+
+
+@dataclass
+class Fault:
+    mode: str = "none"
+    after: int = 0  # chunks sent before the fault
+    requests: int = 1  # completion streams it applies to, then service is normal again
+    hold: bool = False  # wait for POST /fault/release after the chunks
+    text: str | None = None  # scripted reply text instead of the model's
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Fault:
+        fault = cls(**obj)
+        if fault.mode not in FAULTS:
+            raise ValueError(f"unknown fault mode {fault.mode!r}; one of {', '.join(FAULTS)}")
+        return fault
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
@@ -56,6 +94,19 @@ class Server:
         self.engine = engine
         self.served_name = served_name
         self.send_done = send_done
+        self.fault = Fault()
+        self.release = asyncio.Event()
+        self.faults_done = 0
+
+    def _next_fault(self) -> Fault:
+        """The fault for a new stream (and one fewer left to apply)."""
+        fault = self.fault
+        if fault.mode == "none" and fault.text is None:
+            return fault
+        fault.requests -= 1
+        if fault.requests <= 0:
+            self.fault = Fault()
+        return fault
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -67,6 +118,20 @@ class Server:
                     "forward_calls": self.engine.forward_calls,
                     "active": self.engine.active_requests,
                 }))
+            elif method == "POST" and path == "/fault":
+                try:
+                    self.fault = Fault.from_json(json.loads(body))
+                except (TypeError, ValueError) as exc:
+                    writer.write(_json_response(400, {"error": {"message": str(exc)}}))
+                else:
+                    self.release.clear()
+                    writer.write(_json_response(200, {"fault": self.fault.mode}))
+            elif method == "POST" and path == "/fault/release":
+                self.release.set()
+                writer.write(_json_response(200, {"released": True}))
+            elif method == "GET" and path == "/fault":
+                writer.write(_json_response(200, {"mode": self.fault.mode,
+                                                  "faults_done": self.faults_done}))
             elif method == "POST" and path == "/v1/completions":
                 await self.complete(json.loads(body), reader, writer)
             else:
@@ -100,15 +165,28 @@ class Server:
         except (EngineError, ValueError, KeyError) as exc:
             writer.write(_json_response(400, {"error": {"message": str(exc)}}))
             return
+        fault = self._next_fault()
+        if fault.mode == "http500":
+            await gen.aclose()
+            self.faults_done += 1
+            writer.write(_json_response(500, {"error": {"message": "engine crashed (fault "
+                                                        "injected by the test server)"}}))
+            return
         rid = f"cmpl-{uuid.uuid4().hex}"
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Connection: close\r\n\r\n")
         # The peer closing its socket is the only cancel signal a completions client has.
         watcher = asyncio.ensure_future(reader.read(1))
         watcher.add_done_callback(lambda _: gen.cancel())
-        with_ids = bool(req.get("return_token_ids"))
+        with_ids = bool(req.get("return_token_ids")) and fault.text is None
+        deltas = gen if fault.text is None else _scripted(fault.text)
+        sent = 0
         try:
-            async for delta in gen:
+            async for delta in deltas:
+                if fault.mode != "none" and sent >= fault.after:
+                    await self._fail(fault, writer, watcher)
+                    return
+                sent += 1
                 choice: dict = {"index": 0, "text": delta.text, "finish_reason": None}
                 if delta.finish_reason is not None:
                     choice["finish_reason"] = delta.finish_reason.value
@@ -122,7 +200,10 @@ class Server:
                          "model": self.served_name, "choices": [choice]}
                 writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 await writer.drain()
-            usage = gen.usage
+            if fault.mode != "none":  # the reply had fewer chunks than the fault waits for
+                await self._fail(fault, writer, watcher)
+                return
+            usage = gen.usage if fault.text is None else None
             if usage is not None and (req.get("stream_options") or {}).get("include_usage"):
                 chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
                          "model": self.served_name, "choices": [],
@@ -138,6 +219,43 @@ class Server:
         finally:
             watcher.cancel()
             await gen.aclose()
+
+    async def _fail(self, fault: Fault, writer: asyncio.StreamWriter,
+                    watcher: asyncio.Future) -> None:
+        """Break the stream the way ``fault.mode`` says."""
+        if fault.hold:
+            while not self.release.is_set() and not watcher.done():
+                writer.write(b": keep-alive\n\n")  # comments keep the client's read timeout away
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), KEEPALIVE_S)
+        self.faults_done += 1
+        if fault.mode == "hang":
+            await watcher  # nothing more, until the client gives up
+        elif fault.mode == "close":
+            await writer.drain()
+            writer.close()
+        elif fault.mode == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        elif fault.mode == "garbage":
+            writer.write(b"\x00\xffHTTP/1.1 502 Bad Gateway\r\n<html><body>upstream gone"
+                         b"</body></html>\n\n")
+        elif fault.mode == "error500":
+            err = {"error": {"object": "error", "message": "EngineDeadError: the engine loop "
+                             "died (fault injected)", "type": "InternalServerError",
+                             "code": 500}}
+            writer.write(f"data: {json.dumps(err)}\n\n".encode())
+        await writer.drain()
+
+
+async def _scripted(text: str) -> AsyncIterator[Delta]:
+    """A scripted reply as engine deltas: two characters a chunk, then a stop."""
+    for i in range(0, len(text), 2):
+        await asyncio.sleep(0.01)
+        yield Delta(text=text[i:i + 2])
+    yield Delta(finish_reason=FinishReason.STOP)
 
 
 async def main(argv: list[str]) -> None:

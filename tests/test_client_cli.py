@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -13,14 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from backend_process import free_port
 from serve_process import API_KEY, served, stepaudio_argv  # noqa: F401 - the fixture
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 from client.playback import Player
 from client.realtime import (
     EXIT_AUTH,
+    EXIT_FORBIDDEN,
+    EXIT_NOT_READY,
     EXIT_UNREACHABLE,
     SAMPLE_RATE,
     SessionOptions,
+    refused_error,
 )
 
 SPEECH = Path(__file__).parent / "fixtures" / "audio" / "multilingual1.wav"
@@ -29,12 +35,6 @@ SPEECH = Path(__file__).parent / "fixtures" / "audio" / "multilingual1.wav"
 def run_client(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*stepaudio_argv(), "client", *args], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_client_holds_a_voice_turn(served, tmp_path):  # noqa: F811
@@ -86,6 +86,22 @@ def test_refused_api_key_exits_4(served, key, monkeypatch):  # noqa: F811
     r = run_client(str(SPEECH), "--url", served.url, *args, timeout=60)
     assert r.returncode == EXIT_AUTH == 4, r.stdout + r.stderr
     assert "refused the API key" in r.stderr
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "code", "says"), [
+    (401, b"missing or wrong API key\n", [], EXIT_AUTH, "refused the API key"),
+    (403, b"pages from 'https://x' may not open sessions here\n", [], EXIT_FORBIDDEN,
+     "may not open sessions"),
+    (503, b"server full (8 sessions); try again later\n", [("Retry-After", "5")],
+     EXIT_NOT_READY, "try again in 5 s"),
+    (404, b"no such page\n", [], EXIT_UNREACHABLE, "not a realtime endpoint"),
+])
+def test_http_refusals_map_to_documented_exit_statuses(status, body, headers, code, says):
+    err = InvalidStatus(Response(status, "", Headers(headers), body))
+    out = refused_error(err, "ws://h/v1/realtime")
+    assert out.code == code and says in str(out)
+    if status != 404:
+        assert body.decode().strip()[:20] in str(out)  # the server's reason is shown
 
 
 def test_missing_input_file_is_one_line():

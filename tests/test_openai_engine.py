@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from backend_process import TESTS, free_port, openai_server, running
 
 from stepaudio.cli import main as cli_main
 from stepaudio.llm.engine import (
@@ -39,45 +37,7 @@ from stepaudio.llm.engine_transformers import TransformersEngine
 from stepaudio.llm.prompt import build_chat_prompt
 from stepaudio.llm.tokenizer import load_text_tokenizer
 
-TESTS = Path(__file__).parent
-REPO = TESTS.parent
-START_TIMEOUT_S = 90
 HAVE_SERVING = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not healthy after {START_TIMEOUT_S} s: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +58,8 @@ def prompt(tokenizer) -> str:
 @pytest.fixture(scope="module")
 def vllm_like(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
     """tests/openai_server.py in its own process; yields its base URL (…/v1)."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("srv") / "openai_server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "openai_server.py"), str(chat_dir), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-        )
-    try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(proc)
+    with openai_server(chat_dir, tmp_path_factory.mktemp("srv") / "openai_server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +67,11 @@ def hf_serve(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
     """The real ``transformers serve`` in its own process; yields its base URL (…/v1)."""
     if not HAVE_SERVING:
         pytest.skip("transformers[serving] is not installed")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("srv") / "transformers_serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "transformers_serve_step1.py"), str(chat_dir),
-             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-        )
-    try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(proc)
+    with running([sys.executable, str(TESTS / "transformers_serve_step1.py"), str(chat_dir),
+                  "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"], port, log) as url:
+        yield url
 
 
 # --- request and stream format (no server) ----------------------------------------------------
@@ -280,7 +222,7 @@ async def test_transformers_serve_rejecting_vllm_fields_is_one_clear_error(hf_se
 
 
 async def test_closed_port_fails_after_a_bounded_number_of_attempts():
-    port = _free_port()  # bound then released: nothing listens there
+    port = free_port()  # bound then released: nothing listens there
     engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "m", connect_retries=2,
                           retry_backoff_s=0.05, connect_timeout_s=1)
     started = time.perf_counter()
@@ -423,7 +365,7 @@ async def test_a_failed_response_leaves_the_engine_serving_the_next_one():
 
 
 async def test_connection_retry_reaches_a_server_that_comes_up_late():
-    port = _free_port()
+    port = free_port()
     stream = _sse(_chunk("up", [9], finish="length"))
 
     async def handler(reader, writer):

@@ -14,7 +14,7 @@ from realtime_helpers import (
     silence,
 )
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidStatus
 
 from server.app import Server
 
@@ -46,10 +46,12 @@ async def test_readyz_is_503_until_models_are_warm(server):
     try:
         r = await _get(srv.port, "/readyz")
         assert r.status_code == 503 and "not ready" in r.text
-        ws = await connect(f"ws://127.0.0.1:{srv.port}/v1/realtime")
-        with pytest.raises(ConnectionClosed) as info:
-            await ws.recv()
-        assert info.value.rcvd.code == 1013
+        # a session asked for too early is refused over HTTP, before the upgrade
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"ws://127.0.0.1:{srv.port}/v1/realtime")
+        response = info.value.response
+        assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+        assert b"not ready" in response.body
         await srv.load()
         assert (await _get(srv.port, "/readyz")).status_code == 200
     finally:
@@ -64,11 +66,14 @@ async def test_api_key_header_or_subprotocol(server, monkeypatch):
     await srv.load()
     url = f"ws://127.0.0.1:{srv.port}/v1/realtime"
     try:
-        for kwargs in ({}, {"additional_headers": {"Authorization": "Bearer wrong"}}):
-            ws = await connect(url, **kwargs)
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.recv()
-            assert info.value.rcvd.code == 4001 and "API key" in info.value.rcvd.reason
+        for kwargs in ({}, {"additional_headers": {"Authorization": "Bearer wrong"}},
+                       {"subprotocols": ["realtime", "openai-insecure-api-key.wrong"]}):
+            with pytest.raises(InvalidStatus) as info:
+                await connect(url, **kwargs)
+            response = info.value.response
+            assert response.status_code == 401 and b"API key" in response.body
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert not srv.sessions
         ws = await connect(url, additional_headers={"Authorization": "Bearer s3cret"})
         assert '"session.created"' in await ws.recv()
         await ws.close()
@@ -78,6 +83,35 @@ async def test_api_key_header_or_subprotocol(server, monkeypatch):
         assert ws.subprotocol == "realtime"
         assert '"session.created"' in await ws.recv()
         await ws.close()
+    finally:
+        await srv.stop(grace_s=0.1)
+
+
+async def test_a_full_server_refuses_with_503_and_retry_after(server):
+    srv = Server(server_config(max_sessions=1), None, stages=server.stages)
+    await srv.start()
+    await srv.load()
+    try:
+        first = await RealtimeClient.open(srv.port)
+        await first.wait_for("session.created")
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"ws://127.0.0.1:{srv.port}/v1/realtime")
+        response = info.value.response
+        assert response.status_code == 503 and b"full" in response.body
+        assert int(response.headers["Retry-After"]) > 0
+        await first.close()
+        for _ in range(100):  # the place is free again once the first session has closed
+            if not srv.sessions:
+                break
+            await asyncio.sleep(0.02)
+        second = await RealtimeClient.open(srv.port)
+        await second.wait_for("session.created")
+        await second.close()
+        srv.state = "shutting down"  # draining: what #13's drain and SIGTERM look like
+        refused = srv.capacity_refusal()
+        assert refused is not None and refused.status_code == 503
+        assert "Retry-After" in refused.headers and b"shutting down" in refused.body
+        srv.state = "ready"
     finally:
         await srv.stop(grace_s=0.1)
 

@@ -424,9 +424,23 @@ const CLOSE_REASONS = {
   1001: "the server is shutting down",
   1008: "the connection fell behind (send queue full)",
   1011: "the server hit an internal error",
-  1013: "the server is not ready yet or full; try again in a moment",
-  4001: "the server refused the API key (Settings → API key)",
+  1013: "the server is full; try again in a moment",
 };
+
+// A browser does not say why a WebSocket handshake was refused (it reports close code 1006);
+// the server refuses over plain HTTP (401 key, 403 origin or host name, 503 not ready or full),
+// so the same request made with fetch reads the reason.
+async function refusalReason(apiKey) {
+  try {
+    const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+    const r = await fetch("/v1/realtime", { headers, cache: "no-store" });
+    if (r.status === 401) return "the server refused the API key (Settings → API key)";
+    if (r.status === 403 || r.status === 503) return (await r.text()).trim();
+  } catch (_) {
+    // the server is gone altogether
+  }
+  return null;
+}
 
 // -- start / stop -------------------------------------------------------------------------------
 
@@ -461,11 +475,15 @@ async function start() {
     $("stop").disabled = false;
   };
   ws.onmessage = onMessage;
-  ws.onclose = (e) => {
+  ws.onclose = async (e) => {
+    const wasOpen = app.connected;
     app.connected = false;
     $("conn").textContent = `disconnected (${e.code})`;
     $("conn").className = "conn off";
-    if (e.code !== 1000 && e.code !== 1005) {
+    const refused = !wasOpen && e.code === 1006 ? await refusalReason(s.api_key) : null;
+    if (refused) {
+      showProblem(`Cannot connect: ${refused}`);
+    } else if (e.code !== 1000 && e.code !== 1005) {
       showProblem(`Connection closed: ${CLOSE_REASONS[e.code] || e.reason || "code " + e.code}`);
     }
     stopAudio();

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -12,14 +13,20 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from server.protocol.audio import AudioKind, decode_base64
 from server.protocol.common import (
     DEFAULT_MAX_EVENT_BYTES,
+    MAX_EVENT_ID_CHARS,
+    MAX_QUOTED_CHARS,
     Dialect,
+    Id,
     Instruction,
+    Instructions,
     Int,
     MaxTokens,
+    Metadata,
     Modalities,
     ProtocolError,
     Voice,
     _Wire,
+    cut,
 )
 from server.protocol.items import ItemIn, _check_item
 from server.protocol.session_config import FormatIn, SessionPatch
@@ -41,11 +48,11 @@ class StepAudioResponseIn(_Wire):
 class ResponseParams(_Wire):
     """``response.create``'s ``response``: per-response overrides of the session."""
 
-    instructions: str | None = None
+    instructions: Instructions = None
     voice: Voice = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     conversation: Literal["auto"] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None
     tools: list[Any] | None = None
     tool_choice: Any = None  # accepted
     stepaudio: StepAudioResponseIn | None = None
@@ -71,7 +78,7 @@ class ResponseParams(_Wire):
 
 class ClientEventBase(_Wire):
     type: str
-    event_id: str | None = Field(None, max_length=128)
+    event_id: str | None = Field(None, max_length=MAX_EVENT_ID_CHARS)
 
 
 class SessionUpdate(ClientEventBase):
@@ -100,25 +107,25 @@ class InputAudioBufferClear(ClientEventBase):
 
 class ConversationItemCreate(ClientEventBase):
     type: Literal["conversation.item.create"]
-    previous_item_id: str | None = None
+    previous_item_id: Id | None = None
     item: ItemIn
 
 
 class ConversationItemTruncate(ClientEventBase):
     type: Literal["conversation.item.truncate"]
-    item_id: str
+    item_id: Id
     content_index: Int = Field(0, ge=0)
     audio_end_ms: Int = Field(ge=0)
 
 
 class ConversationItemDelete(ClientEventBase):
     type: Literal["conversation.item.delete"]
-    item_id: str
+    item_id: Id
 
 
 class ConversationItemRetrieve(ClientEventBase):
     type: Literal["conversation.item.retrieve"]
-    item_id: str
+    item_id: Id
 
 
 class ResponseCreate(ClientEventBase):
@@ -128,7 +135,7 @@ class ResponseCreate(ClientEventBase):
 
 class ResponseCancel(ClientEventBase):
     type: Literal["response.cancel"]
-    response_id: str | None = None
+    response_id: Id | None = None
 
 
 ClientEvent = (
@@ -170,8 +177,8 @@ def _param(loc: Sequence[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
+        else:  # a client's unknown field name may be of any length
+            out += ("." if out else "") + cut(str(part), MAX_QUOTED_CHARS)
     return out
 
 
@@ -210,7 +217,7 @@ def _shown(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, (str, int, float, bool, type(None))):
-        return json.dumps(value, ensure_ascii=False)[:60]
+        return cut(json.dumps(value, ensure_ascii=False), MAX_QUOTED_CHARS)
     return type(value).__name__
 
 
@@ -260,7 +267,17 @@ def _parse(data: str | bytes, max_bytes: int) -> ClientEvent | ProtocolError:
         return ProtocolError(
             code="invalid_event", message=f"event must be a JSON object, got {type(obj).__name__}"
         )
+    surrogate = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(data) else None
     event_id = obj.get("event_id") if isinstance(obj.get("event_id"), str) else None
+    if surrogate is not None:
+        where = f"'{surrogate}'" if surrogate else "a field name"
+        return ProtocolError(
+            code="invalid_value",
+            message=f"{where} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+            "without its pair), which is not a character; send valid Unicode",
+            param=surrogate or None,
+            event_id=None if surrogate == "event_id" else event_id,
+        )
     etype = obj.get("type")
     if etype is None:
         return ProtocolError(
@@ -282,7 +299,7 @@ def _parse(data: str | bytes, max_bytes: int) -> ClientEvent | ProtocolError:
         hint = " (that is a server event)" if etype.startswith(_SERVER_ONLY_PREFIXES) else ""
         return ProtocolError(
             code="unknown_event_type",
-            message=f"unknown event type {etype[:80]!r}{hint}; expected one of {', '.join(sorted(CLIENT_EVENTS))}",
+            message=f"unknown event type {cut(etype, MAX_QUOTED_CHARS)!r}{hint}; expected one of {', '.join(sorted(CLIENT_EVENTS))}",
             param="type",
             event_id=event_id,
         )
@@ -317,6 +334,39 @@ def _parse(data: str | bytes, max_bytes: int) -> ClientEvent | ProtocolError:
     return event  # type: ignore[return-value]
 
 
+#: A JSON escape of a UTF-16 surrogate (only then can a parsed string hold a lone one).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or "" for a key) holding a lone surrogate, else None.
+
+    Such a string decodes from JSON but cannot be encoded to UTF-8: echoed back in any server
+    event, it would break the socket's send.
+    """
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "value"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _lone_surrogate(key) is not None:
+                return ""
+            found = _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 _APPEND_KEYS = frozenset({"type", "audio", "event_id"})
 
 
@@ -343,7 +393,7 @@ def _fast_append(obj: dict[str, Any], event_id: str | None
 
 
 def dialect_from_handshake(
-    headers: Mapping[str, str] | None = None,
+    headers: Any = None,
     subprotocols: Sequence[str] = (),
     query: Mapping[str, str] | None = None,
 ) -> Dialect:
@@ -351,17 +401,17 @@ def dialect_from_handshake(
 
     The beta SDK sends ``OpenAI-Beta: realtime=v1`` (browsers, which cannot set headers, offer the
     ``openai-beta.realtime-v1`` subprotocol); GA clients send neither. ``?dialect=beta|ga`` on the
-    URL overrides both, for hand-written clients.
+    URL overrides both, for hand-written clients. ``headers`` is a mapping or websockets'
+    ``Headers``, whose repeated lines (``OpenAI-Beta`` twice) are all read.
     """
     if query:
         forced = query.get("dialect")
         if forced in ("beta", "ga"):
             return forced  # type: ignore[return-value]
-    for key, value in (headers or {}).items():
+    pairs = headers.raw_items() if hasattr(headers, "raw_items") else (headers or {}).items()
+    for key, value in pairs:
         if key.lower() == "openai-beta" and "realtime=v1" in value.replace(" ", "").lower():
             return "beta"
     if any(p.lower() == "openai-beta.realtime-v1" for p in subprotocols):
         return "beta"
     return "ga"
-
-

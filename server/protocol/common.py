@@ -10,7 +10,7 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from server.protocol.server_events import ErrorEvent
@@ -28,6 +28,44 @@ TRANSCRIPTION_MODEL = "step-audio-chat-asr"
 OPENAI_VOICES = frozenset(
     {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
 )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounds on what a client may send and what the server echoes (docs/protocol.md, "Limits")
+
+#: Ids a client names (items, responses): OpenAI's are 32 characters.
+MAX_ID_CHARS = 64
+#: ``event_id``: echoed in the ``error`` event of a bad event.
+MAX_EVENT_ID_CHARS = 128
+#: Voice names and other short names (session ``model``, transcription ``model``).
+MAX_NAME_CHARS = 64
+#: Instructions (system prompt): the chat model's whole context window in characters.
+MAX_INSTRUCTIONS_CHARS = 32768
+#: Transcription ``prompt`` and ``language``.
+MAX_PROMPT_CHARS = 4096
+MAX_LANGUAGE_CHARS = 32
+#: ``metadata`` (OpenAI's limits): pairs, key and value lengths.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+#: An ``error`` event: its message, param and event_id are cut to these lengths.
+MAX_ERROR_MESSAGE_CHARS = 512
+MAX_ERROR_PARAM_CHARS = 128
+#: A client value or name quoted inside an error message is cut to this many characters.
+MAX_QUOTED_CHARS = 60
+
+Id = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters (an ellipsis marks a cut)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quoted(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """A client string quoted in an error message: repr'd, then cut."""
+    return cut(repr(value), limit)
 
 
 def new_id(prefix: str) -> str:
@@ -59,6 +97,22 @@ class ProtocolError(BaseModel):
     param: str | None = None
     event_id: str | None = None
 
+    @field_validator("message")
+    @classmethod
+    def _cut_message(cls, v: str) -> str:
+        # whatever a message quotes from the client, the error stays small
+        return cut(v, MAX_ERROR_MESSAGE_CHARS)
+
+    @field_validator("param")
+    @classmethod
+    def _cut_param(cls, v: str | None) -> str | None:
+        return None if v is None else cut(v, MAX_ERROR_PARAM_CHARS)
+
+    @field_validator("event_id")
+    @classmethod
+    def _cut_event_id(cls, v: str | None) -> str | None:
+        return None if v is None else cut(v, MAX_EVENT_ID_CHARS)
+
     def to_event(self) -> ErrorEvent:
         from server.protocol.server_events import ErrorEvent
 
@@ -86,11 +140,25 @@ class _Wire(BaseModel):
 
 
 def _voice_value(v: Any) -> Any:
-    if v is None or isinstance(v, str):
-        return v
     if isinstance(v, dict) and set(v) == {"id"} and isinstance(v["id"], str):
-        return v["id"]
+        v = v["id"]
+    if v is None or isinstance(v, str):
+        if v is not None and len(v) > MAX_NAME_CHARS:
+            raise ValueError(f"a voice name has at most {MAX_NAME_CHARS} characters")
+        return v
     raise ValueError('expected a voice name or {"id": name}')
+
+
+def _metadata_value(v: Any) -> Any:
+    if isinstance(v, dict):
+        if len(v) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+        for key, value in v.items():
+            if isinstance(key, str) and len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"keys have at most {MAX_METADATA_KEY_CHARS} characters")
+            if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"values have at most {MAX_METADATA_VALUE_CHARS} characters")
+    return v
 
 
 def _max_tokens_value(v: Any) -> Any:
@@ -105,6 +173,8 @@ def _max_tokens_value(v: Any) -> Any:
 
 
 Voice = Annotated[str | None, BeforeValidator(_voice_value)]
+Metadata = Annotated[dict[str, str] | None, BeforeValidator(_metadata_value)]
+Instructions = Annotated[str | None, Field(max_length=MAX_INSTRUCTIONS_CHARS)]
 MaxTokens = Annotated[Any, BeforeValidator(_max_tokens_value)]
 Modalities = list[Literal["text", "audio"]]
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.protocol.common import Dialect, _Wire, new_id
+from server.protocol.common import Dialect, Id, _Wire, new_id
 
 ContentType = Literal["input_text", "input_audio", "text", "output_text", "audio", "output_audio"]
 
@@ -17,13 +17,13 @@ class ContentIn(_Wire):
     text: str | None = None
     audio: str | None = None  # base64 in the session's input format
     transcript: str | None = None
-    id: str | None = None
+    id: Id | None = None
 
 
 class ItemIn(_Wire):
     """A client-created item. Only messages: function calls need tools, which this server lacks."""
 
-    id: str | None = Field(None, max_length=64)
+    id: Id | None = None
     type: Literal["message", "function_call", "function_call_output"] = "message"
     object: Literal["realtime.item"] | None = None
     status: Literal["completed", "incomplete", "in_progress"] | None = None

@@ -59,7 +59,15 @@ class ServerEvent(BaseModel):
 
     def to_json(self, dialect: Dialect) -> str | None:
         wire = self.to_wire(dialect)
-        return None if wire is None else json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+        if wire is None:
+            return None
+        text = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate got this far: escape it, never fail
+                text = json.dumps(wire, separators=(",", ":"))
+        return text
 
 
 class ErrorEvent(ServerEvent):

@@ -11,13 +11,17 @@ from server.protocol.audio import _FORMAT_FROM_GA, AudioFormat, AudioKind
 from server.protocol.common import (
     DEFAULT_INSTRUCTIONS,
     DEFAULT_VOICE,
+    MAX_LANGUAGE_CHARS,
+    MAX_PROMPT_CHARS,
     OPENAI_VOICES,
     TRANSCRIPTION_MODEL,
     Dialect,
     Instruction,
+    Instructions,
     Int,
     MaxTokens,
     Modalities,
+    Name,
     ProtocolError,
     Voice,
     _Wire,
@@ -37,9 +41,9 @@ class TurnDetectionIn(_Wire):
 
 
 class TranscriptionIn(_Wire):
-    model: str | None = None
-    language: str | None = None
-    prompt: str | None = None
+    model: Name | None = None
+    language: str | None = Field(None, max_length=MAX_LANGUAGE_CHARS)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     # GA-only knobs of OpenAI's transcription models: accepted, not used.
     delay: str | None = None
     keywords: list[str] | None = None
@@ -127,15 +131,15 @@ class SessionPatch(_Wire):
     """
 
     # Both dialects
-    instructions: str | None = None
+    instructions: Instructions = None
     voice: Voice = None
     tools: list[Any] | None = None
     tool_choice: Any = None  # accepted
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    model: str | None = None  # accepted (echoed back)
+    model: Name | None = None  # accepted (echoed back)
     tracing: Any = None  # accepted
-    id: str | None = None  # accepted: clients echo session.created back
-    object: str | None = None  # accepted
+    id: Name | None = None  # accepted: clients echo session.created back
+    object: Name | None = None  # accepted
     expires_at: Int | None = None  # accepted
     stepaudio: StepAudioOptionsIn | None = None
     # Beta only

@@ -324,7 +324,10 @@ class GraphedBatchSolver:
 
 class GraphedBatchDecode:
     """:attr:`BatchRunner.decoder` (HiFT's decode on equal-length windows) replayed per
-    (rows, mel length) from CUDA graphs sharing one pool; rows rounded up to a power of two."""
+    (rows, mel length) from CUDA graphs sharing one pool; rows rounded up to a power of two.
+    Only the standard window lengths (:meth:`warm`) get graphs: a short utterance's single
+    window can have any length, and HiFT run eagerly costs a few milliseconds, less than a
+    capture on a request would."""
 
     def __init__(self, hift: torch.nn.Module, max_rows: int = 16, max_graphs: int = 64) -> None:
         self.hift = hift
@@ -335,7 +338,7 @@ class GraphedBatchDecode:
         def decode(mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
             return _capturable_decode(hift, mel, source)
 
-        self.cache = _GraphCache(decode, max_graphs, capture_any=True, pool=pool)
+        self.cache = _GraphCache(decode, max_graphs, pool=pool)
 
     def __call__(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         if mel.device.type != "cuda" or mel.shape[0] > self.max_rows:
@@ -344,10 +347,13 @@ class GraphedBatchDecode:
         size = 1
         while size < rows:
             size *= 2
+        key = (size, int(mel.shape[-1]))
+        if key not in self.cache.allowed:
+            return self.hift.decode(mel, source)
         if size != rows:
             mel = torch.cat([mel, mel.new_zeros((size - rows, *mel.shape[1:]))])
             source = torch.cat([source, source.new_zeros((size - rows, *source.shape[1:]))])
-        return self.cache.run((size, int(mel.shape[-1])), mel, source)[:rows].clone()
+        return self.cache.run(key, mel, source)[:rows].clone()
 
     @torch.inference_mode()
     def warm(self, rows: Iterable[int], lengths: Iterable[int]) -> int:
@@ -357,6 +363,7 @@ class GraphedBatchDecode:
         n = 0
         for length in sorted({int(x) for x in lengths}, reverse=True):
             for r in sorted(set(rows), reverse=True):
+                self.cache.allowed.add((r, length))
                 self(torch.randn(r, mels, length, device=dev),
                      0.1 * torch.randn(r, 1, length * spf, device=dev))
                 n += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class Token2WavStream(Protocol):
     """What a synthesizer (or a scheduler) needs of one utterance's streaming token → wav."""
 
     stats: list[ChunkStats]
+    hift: Any  # the HiFT generator (its sampling_rate)
 
     def push(self, tokens: Sequence[int]) -> None: ...
 

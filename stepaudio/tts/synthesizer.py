@@ -151,6 +151,12 @@ class SynthOptions:
 _END = object()
 
 
+def later_clause_options(opts: StreamOptions) -> StreamOptions:
+    """Chunking of a reply's second and later clauses: their first chunk is a full hop (fewer,
+    longer chunks), since the listener already has the earlier clauses' audio to play."""
+    return replace(opts, first_frames=max(opts.first_frames, opts.max_hop_frames))
+
+
 @dataclass
 class _Clause:
     """One clause of a reply between its TTS-3B request and its last chunk."""
@@ -321,9 +327,16 @@ class Synthesizer:
         return n
 
     def window_shapes(self, model: Any) -> tuple[list[int], list[int]]:
-        """(flow target frames, HiFT frames) of this synthesizer's streaming windows."""
-        return window_shapes(self.streaming, model, low_latency=self.options.stream,
-                             cosyvoice=self.options.cosyvoice)
+        """(flow target frames, HiFT frames) of this synthesizer's streaming windows, first
+        clauses' and later clauses' (see :func:`later_clause_options`)."""
+        flow: list[int] = []
+        hift: list[int] = []
+        for opt in (self.options.stream, later_clause_options(self.options.stream)):
+            f, h = window_shapes(self.streaming, model, low_latency=opt,
+                                 cosyvoice=self.options.cosyvoice)
+            flow += [n for n in f if n not in flow]
+            hift += [n for n in h if n not in hift]
+        return flow, hift
 
     def prepare(self, folder: str, feats: SpeakerFeatures) -> tuple[Any, Any, Any]:
         """Whatever a stream on ``folder`` in this voice needs before its first chunk (call on
@@ -415,13 +428,27 @@ class Synthesizer:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def vocode(self, st: Token2WavStream, folder: str, *, deadline: float, first: bool,
-                     cancelled: Callable[[], bool]) -> np.ndarray:
+                     cancelled: Callable[[], bool],
+                     then: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """The stream's next chunk: batched with other streams' through the scheduler, or
-        alone on the model thread. Raises CancelledError if the stream was cancelled first."""
+        alone on the model thread. Raises CancelledError if the stream was cancelled first.
+        ``then``: see :meth:`VocoderScheduler.submit` (batched only)."""
         if not self.batching:
             return await self.run_model(st.next_chunk)
-        fut = self.scheduler.submit(self.runner(folder), st.chunk_work(), deadline=deadline,
-                                    first=first, cancelled=cancelled)
+        return await self.chunk_result(self.submit_chunk(st, folder, deadline=deadline,
+                                                         first=first, cancelled=cancelled,
+                                                         then=then))
+
+    def submit_chunk(self, st: Token2WavStream, folder: str, *, deadline: float, first: bool,
+                     cancelled: Callable[[], bool],
+                     then: Callable[[np.ndarray], None] | None = None
+                     ) -> concurrent.futures.Future[np.ndarray]:
+        """Queue the stream's next chunk with the scheduler (any thread)."""
+        return self.scheduler.submit(self.runner(folder), st.chunk_work(), deadline=deadline,
+                                     first=first, cancelled=cancelled, then=then)
+
+    @staticmethod
+    async def chunk_result(fut: concurrent.futures.Future[np.ndarray]) -> np.ndarray:
         try:
             return await asyncio.wrap_future(fut)
         except ChunkCancelled:
@@ -456,6 +483,8 @@ class SpeechStream:
         #: When the first chunk went out: the listener's playback clock, from which each later
         #: chunk's deadline (the moment their audio would run out) follows.
         self._play_start: float | None = None
+        #: The next chunk, already queued on the vocoder thread by the one before it.
+        self._ahead: tuple[Token2WavStream, concurrent.futures.Future[np.ndarray]] | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._finished = False
 
@@ -566,7 +595,7 @@ class SpeechStream:
         solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
         opts = synth.options.stream
         if index > 0:  # the listener already has audio: later clauses start with a full hop
-            opts = replace(opts, first_frames=max(opts.first_frames, opts.max_hop_frames))
+            opts = later_clause_options(opts)
         st = open_token2wav(synth.streaming, model, feats, low_latency=opts,
                             cosyvoice=synth.options.cosyvoice, seed=self.seed + index,
                             solver=solver, decode=decode, encode=encode)
@@ -631,14 +660,31 @@ class SpeechStream:
     async def _chunk(self, st: Token2WavStream, folder: str) -> np.ndarray:
         if self._cancel.is_set():
             raise asyncio.CancelledError
-        first = self._play_start is None
-        deadline = time.perf_counter() if first else self._play_start + self.report.audio_s
-        wav = await self.synth.vocode(st, folder, deadline=deadline, first=first,
-                                      cancelled=self._cancel.is_set)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is st:  # already queued by the chunk before it
+            wav = await self.synth.chunk_result(ahead[1])
+        else:
+            first = self._play_start is None
+            deadline = time.perf_counter() if first else self._play_start + self.report.audio_s
+            wav = await self.synth.vocode(st, folder, deadline=deadline, first=first,
+                                          cancelled=self._cancel.is_set,
+                                          then=lambda pcm: self._queue_next(st, folder, pcm))
         self.report.chunks.append(st.stats[-1])
         if self._cancel.is_set():
             raise asyncio.CancelledError
         return wav
+
+    def _queue_next(self, st: Token2WavStream, folder: str, pcm: np.ndarray) -> None:
+        """On the vocoder thread, as a chunk is done: if the stream's next chunk has its tokens,
+        queue it now for the next round (its deadline: when the audio so far runs out)."""
+        if self._cancel.is_set() or not st.ready():
+            return
+        start = self._play_start or time.perf_counter()
+        deadline = start + self.report.audio_s + len(pcm) / float(st.hift.sampling_rate)
+        fut = self.synth.submit_chunk(st, folder, deadline=deadline, first=False,
+                                      cancelled=self._cancel.is_set,
+                                      then=lambda nxt: self._queue_next(st, folder, nxt))
+        self._ahead = (st, fut)
 
     def _emit(self, pcm: np.ndarray, sr: int, index: int, clause: str) -> None:
         if pcm.size == 0:
