@@ -235,7 +235,8 @@ def test_hop_grows_by_the_scale_factor_up_to_the_maximum():
     assert [w.hop(k) for k in range(5)] == [83, 124, 166, 166, 166]
     assert w.next_chunk(1, 83, 83 + 124 + 20, False) == ChunkPlan(1, 83, 227, False)
     assert w.next_chunk(1, 83, 83 + 124 + 19, False) is None
-    assert w.graph_shapes()[0] == [212, 297, 384]
+    assert w.graph_shapes()[0] == [212, 297, 384] and w.max_chunk_tokens() == 186
+    assert _windows().max_chunk_tokens() == 103
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -291,9 +292,13 @@ def test_each_mode_opens_its_stream_and_names_its_window_shapes_for_graphs(tiny_
                       CosyVoiceToken2Wav)
     assert isinstance(open_token2wav("low-latency", tiny_cv, speaker, seed=1, **kw),
                       StreamingToken2Wav)
-    assert window_shapes("cosyvoice", tiny_cv, **kw) == ([212], [171, 191])
-    flow, hift = window_shapes("low-latency", tiny_cv, **kw)
-    assert flow[-1] == StreamOptions().window_frames and hift[0] == StreamOptions().first_frames + 8
+    both = (StreamOptions(), StreamOptions(first_frames=96))  # a reply's first and later clauses
+    kw = {"low_latency": both, "cosyvoice": CosyVoiceStreamOptions()}
+    assert window_shapes("cosyvoice", tiny_cv, **kw) == ([212], [171, 191], 103)
+    flow, hift, tokens = window_shapes("low-latency", tiny_cv, **kw)
+    assert StreamOptions().window_frames in flow and hift[0] == StreamOptions().first_frames + 8
+    assert 96 + 8 in flow and 96 + 8 in hift  # the later clauses' first window too
+    assert tokens == int(StreamOptions().window_frames * 125 / 3 / (22050 / 256)) + 4 + 4
 
 
 async def test_synthesizer_in_cosyvoice_mode_streams_each_clause_by_the_recipes_plan(tiny_root):

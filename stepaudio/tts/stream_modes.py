@@ -82,14 +82,27 @@ def open_token2wav(mode: StreamingMode, model: Token2WavModels, speaker: Speaker
                               decode=decode, encode=encode)
 
 
-def window_shapes(mode: StreamingMode, model: Token2WavModels, *, low_latency: StreamOptions,
-                  cosyvoice: CosyVoiceStreamOptions) -> tuple[list[int], list[int]]:
-    """(flow target frames, HiFT frames) of the mode's standard windows: the CUDA graphs to
-    capture ahead of the first reply."""
+def window_shapes(mode: StreamingMode, model: Token2WavModels, *,
+                  low_latency: Sequence[StreamOptions], cosyvoice: CosyVoiceStreamOptions
+                  ) -> tuple[list[int], list[int], int]:
+    """(flow target frames, HiFT frames, most target tokens one window encodes) of the mode's
+    standard windows: the CUDA graphs to capture ahead of the first reply. ``low_latency``:
+    every chunking in use (a reply's first clause and later ones may differ)."""
     if mode == "cosyvoice":
-        return CosyVoiceWindows.for_models(model.flow, model.hift, cosyvoice).graph_shapes()
-    shapes = low_latency.schedule()
-    hift = [h for _, h in shapes]
-    if low_latency.hift_window_frames not in hift:  # last chunks take the steady HiFT window
-        hift.append(low_latency.hift_window_frames)
-    return [f for f, _ in shapes] + [low_latency.window_frames], hift
+        win = CosyVoiceWindows.for_models(model.flow, model.hift, cosyvoice)
+        flow_frames, hift_frames = win.graph_shapes()
+        return flow_frames, hift_frames, win.max_chunk_tokens()
+    flow: list[int] = []
+    hift: list[int] = []
+    conf = model.flow.mel_feat_conf
+    per_token = float(conf["sampling_rate"]) / float(conf["hop_size"]) / model.flow.input_frame_rate
+    most = 0
+    for opt in low_latency:
+        shapes = opt.schedule()
+        for n in [f for f, _ in shapes] + [opt.window_frames]:
+            flow += [] if n in flow else [n]
+        # last chunks take the steady HiFT window
+        for n in [h for _, h in shapes] + [opt.hift_window_frames]:
+            hift += [] if n in hift else [n]
+        most = max(most, int(opt.window_frames / per_token) + 4 + 2 * opt.token_margin)
+    return flow, hift, most

@@ -162,6 +162,14 @@ class CosyVoiceWindows:
             hop = min(self.max_hop, int(hop * self.scale))
         return hop
 
+    def max_chunk_tokens(self) -> int:
+        """Most tokens one flow call takes: the largest hop the chunks reach, plus the overlap
+        (with the shipped scale factor of 1 the hop never grows to ``max_hop``)."""
+        k = 0
+        while self.hop(k + 1) != self.hop(k):  # non-decreasing and capped: this ends
+            k += 1
+        return self.hop(k) + self.overlap
+
     def next_chunk(self, index: int, start: int, available: int, finished: bool
                    ) -> ChunkPlan | None:
         """The chunk that can run now with ``available`` tokens, or None (wait for more)."""

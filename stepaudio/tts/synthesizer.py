@@ -130,6 +130,11 @@ class SynthOptions:
     streaming: str = "auto"
     stream: StreamOptions = field(default_factory=StreamOptions)
     cosyvoice: CosyVoiceStreamOptions = field(default_factory=CosyVoiceStreamOptions)
+    #: Chunking when batched (a GPU serving many sessions): a 0.37 s first chunk, so the second
+    #: arrives before it has played even behind a whole round of other sessions' work, and
+    #: 2.2 s steady chunks (half the flow windows per second of speech).
+    batched_stream: StreamOptions = field(
+        default_factory=lambda: StreamOptions(first_frames=32, max_hop_frames=192))
     first_min_chars: int = 4
     soft_min_chars: int = 24
     max_clause_chars: int = 160
@@ -149,6 +154,12 @@ class SynthOptions:
 
 
 _END = object()
+
+
+def model_frames_per_token(flow: Any) -> float:
+    """Mel frames per flow token, as the flow's own length rule computes them."""
+    conf = flow.mel_feat_conf
+    return float(conf["sampling_rate"]) / float(conf["hop_size"]) / flow.input_frame_rate
 
 
 def later_clause_options(opts: StreamOptions) -> StreamOptions:
@@ -261,7 +272,7 @@ class Synthesizer:
         solver, decode, encode = self._graphs[folder]
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) not in self._warmed:
-            flow_frames, hift_frames = self.window_shapes(model)
+            flow_frames, hift_frames, _ = self.window_shapes(model)
             solver.warm(prompt, flow_frames)
             decode.warm(hift_frames)
             self._warmed.add((folder, prompt))
@@ -288,6 +299,10 @@ class Synthesizer:
         if self.on_round is not None:
             self.on_round(stats)
 
+    def stream_options(self) -> StreamOptions:
+        """How a clause is chunked: ``batched_stream`` when batching, else ``stream``."""
+        return self.options.batched_stream if self.batching else self.options.stream
+
     def runner(self, folder: str) -> BatchRunner:
         """The batch runner of one vocoder folder (CUDA graphs per batch shape on a GPU)."""
         with self._load_lock:
@@ -297,11 +312,16 @@ class Synthesizer:
         model = self.cosyvoice(folder)
         runner = BatchRunner(model.flow, model.hift, self.options.stream.n_timesteps)
         if self.options.cuda_graphs and torch.device(model.device).type == "cuda":
-            from stepaudio.tts.cuda_graphs import GraphedBatchDecode, GraphedBatchSolver
+            from stepaudio.tts.cuda_graphs import (
+                GraphedBatchDecode,
+                GraphedBatchEncoder,
+                GraphedBatchSolver,
+            )
 
             rows = self.options.max_batch_rows
             runner.solver = GraphedBatchSolver(runner, rows)
             runner.decoder = GraphedBatchDecode(model.hift, rows)
+            runner.encoder = GraphedBatchEncoder(runner, rows)
         with self._load_lock:
             return self._runners.setdefault(folder, runner)
 
@@ -315,28 +335,25 @@ class Synthesizer:
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) in self._warmed or not hasattr(runner.solver, "warm"):
             return 0
-        flow_frames, hift_frames = self.window_shapes(self.cosyvoice(folder))
+        flow_frames, hift_frames, most = self.window_shapes(self.cosyvoice(folder))
         top = self.options.max_batch_rows
         rows = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
         padded = {runner.bucket(prompt + n) for n in range(1, max(flow_frames) + 1)}
         solver, decoder = runner.solver, runner.decoder
         n = solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
         n += decoder.warm(rows, set(hift_frames))  # type: ignore[attr-defined]
+        tokens = int(feats.prompt_token.shape[1])
+        n += runner.encoder.warm(rows, range(tokens + 1, tokens + most + 1))  # type: ignore[attr-defined]
         self._warmed.add((folder, prompt))
         log.info("tts: %d batched vocoder graphs captured for a %d-frame prompt", n, prompt)
         return n
 
-    def window_shapes(self, model: Any) -> tuple[list[int], list[int]]:
-        """(flow target frames, HiFT frames) of this synthesizer's streaming windows, first
-        clauses' and later clauses' (see :func:`later_clause_options`)."""
-        flow: list[int] = []
-        hift: list[int] = []
-        for opt in (self.options.stream, later_clause_options(self.options.stream)):
-            f, h = window_shapes(self.streaming, model, low_latency=opt,
-                                 cosyvoice=self.options.cosyvoice)
-            flow += [n for n in f if n not in flow]
-            hift += [n for n in h if n not in hift]
-        return flow, hift
+    def window_shapes(self, model: Any) -> tuple[list[int], list[int], int]:
+        """(flow target frames, HiFT frames, most target tokens a window encodes) of this
+        synthesizer's streaming windows, first and later clauses' (:func:`later_clause_options`)."""
+        opt = self.stream_options()
+        return window_shapes(self.streaming, model, low_latency=(opt, later_clause_options(opt)),
+                             cosyvoice=self.options.cosyvoice)
 
     def prepare(self, folder: str, feats: SpeakerFeatures) -> tuple[Any, Any, Any]:
         """Whatever a stream on ``folder`` in this voice needs before its first chunk (call on
@@ -593,7 +610,7 @@ class SpeechStream:
         folder = vocoder_folder(clause)
         model = await asyncio.to_thread(synth.cosyvoice, folder)
         solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
-        opts = synth.options.stream
+        opts = synth.stream_options()
         if index > 0:  # the listener already has audio: later clauses start with a full hop
             opts = later_clause_options(opts)
         st = open_token2wav(synth.streaming, model, feats, low_latency=opts,
