@@ -598,18 +598,20 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
     synth = Synthesizer.from_model_root(root, device=device, lm_dtype=lm_dtype, engine=engine,
                                         speakers_dir=cfg.tts.speakers_dir,
-                                        options=synth_options(cfg.tts),
+                                        options=synth_options(cfg.tts, cfg.models.profile),
                                         engine_options=tts_engine_options(cfg.tts))
     synth._tokenizer = tokenizer  # share the loaded audio tokenizer (voice cloning uses it)
     return synth
 
 
-def synth_options(tts: Any) -> Any:
-    """The synthesizer's options from the ``tts`` config section."""
+def synth_options(tts: Any, profile: str) -> Any:
+    """The synthesizer's options from the ``tts`` config section (and the models profile, which
+    picks the streaming mode ``auto`` stands for)."""
     from stepaudio.tts.synthesizer import SynthOptions
 
     batching = {"auto": None, "on": True, "off": False}[tts.batching]
-    return SynthOptions(batching=batching, max_batch_rows=tts.max_batch_rows)
+    return SynthOptions(streaming=tts.streaming_mode(profile), batching=batching,
+                        max_batch_rows=tts.max_batch_rows)
 
 
 def tts_engine_options(tts: Any) -> dict[str, Any]:

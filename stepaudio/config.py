@@ -300,6 +300,24 @@ class TTSConfig(_Section):
         16, ge=1, le=64,
         description="Batched vocoder: at most this many windows in one flow or HiFT call.",
     )
+    streaming: Literal["auto", "cosyvoice", "low-latency"] = Field(
+        "auto",
+        description="How flow and HiFT stream a reply. cosyvoice: CosyVoice's own streaming "
+        "recipe (2 s token hops with a 20-token overlap, Hamming cross-fades, HiFT mel and "
+        "excitation caches), checked against the output of CosyVoice's own streaming code on "
+        "the tiny checkpoints; first audio after 103 tokens "
+        "(about 2.5 s of speech to generate). low-latency: this project's windows (first audio "
+        "after about 14 tokens, short look-ahead, raised-cosine cross-fades); checked against "
+        "offline synthesis on random weights only, NOT YET VERIFIED ON THE PUBLISHED WEIGHTS. "
+        "auto: cosyvoice for the real checkpoints (models.profile: real), low-latency for the "
+        "tiny and random profiles.",
+    )
+
+    def streaming_mode(self, profile: str) -> str:
+        """The mode ``auto`` stands for with this models profile."""
+        if self.streaming != "auto":
+            return self.streaming
+        return "cosyvoice" if profile == "real" else "low-latency"
 
 
 class SessionDefaults(_Section):
