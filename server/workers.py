@@ -207,12 +207,9 @@ class TokenStream(Protocol):
 
     def feed(self, pcm: np.ndarray, sr: int) -> list[int]: ...
 
+    def snapshot(self) -> list[int]: ...
+
     def finish(self) -> list[int]: ...
-
-    def fork(self) -> TokenStream: ...
-
-    @property
-    def ids(self) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -253,21 +250,12 @@ class TokenizerStage:
         return await self._run("tokenizer_feed", lambda: stream.feed(pcm16k, SR16K))
 
     async def snapshot(self, stream: TokenStream) -> Tokens:
-        """The ids the stream would give if the utterance ended now, leaving it open (a fork is
-        finished; the speculative reply reads the same ids the end of turn will)."""
-
-        def run() -> list[int]:
-            fork = stream.fork()
-            return list(fork.ids) + list(fork.finish())
-
-        return await self._run("tokenizer_finish", run)
+        """The final ids of the utterance as if it ended now, leaving it open (the speculative
+        reply reads the very ids the end of turn will)."""
+        return await self._run("tokenizer_finish", stream.snapshot)
 
     async def finish(self, stream: TokenStream) -> Tokens:
-        def run() -> list[int]:
-            stream.finish()
-            return list(stream.ids)
-
-        return await self._run("tokenizer_finish", run)
+        return await self._run("tokenizer_finish", stream.finish)
 
     async def tokenize(self, wav: np.ndarray, sr: int) -> Tokens:
         """A whole clip (``conversation.item.create`` with input audio)."""
@@ -277,8 +265,7 @@ class TokenizerStage:
             from stepaudio.audio import resample
 
             s.feed(resample(wav, sr, SR16K), SR16K)
-            s.finish()
-            return list(s.ids)
+            return s.finish()
 
         return await self._run("tokenizer_clip", run)
 
@@ -541,7 +528,9 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
 
     paths = model_paths(root)
     tok = StepAudioTokenizer.from_config(paths.tokenizer, cfg.tokenizer)
-    tokenizer = TokenizerStage(lambda: tok.open_stream(), metrics, cfg.server.tokenizer_threads)
+    # No provisional ids: the models hear only the final (reference-exact) codes.
+    tokenizer = TokenizerStage(lambda: tok.open_stream(provisional=False), metrics,
+                               cfg.server.tokenizer_threads)
     engine = make_engine(cfg.llm, paths.chat)
     chat = ChatStage(
         engine,
