@@ -568,6 +568,9 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
                            served_model_name=cfg.tts.served_model_name,
                            api_key_env=cfg.tts.api_key_env)
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
+        from stepaudio.tts.remote_rule import check_remote_rule
+
+        engine.repetition_rule = check_remote_rule(engine, cfg.tts.repetition_rule)
     synth = Synthesizer.from_model_root(root, device=device, lm_dtype=lm_dtype, engine=engine,
                                         speakers_dir=cfg.tts.speakers_dir)
     synth._tokenizer = tokenizer  # share the loaded audio tokenizer (voice cloning uses it)

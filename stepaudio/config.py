@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -230,11 +230,27 @@ class TTSConfig(_Section):
     api_key_env: str | None = Field(
         None, description="openai engine: environment variable holding the TTS server's API key."
     )
+    repetition_rule: Literal["on", "off"] = Field(
+        "on",
+        description="The reference samples TTS-3B with a repetition rule (a token filling more than "
+        "a tenth of the last ten is banned for one step); without it TTS-3B stutters and loops. "
+        "on: the transformers engine applies it, the openai engine asks the server for it with "
+        "every request and refuses to start unless a check shows the server applies it (vLLM "
+        "started as `stepaudio vllm-command --tts` prints). off: for a server that cannot apply "
+        "it; sampled without the rule, and the server logs a warning.",
+    )
     speakers_dir: Path | None = Field(
         None,
         description="Folder of `{id}_prompt.wav` + speakers_info.json; none: the model root's "
         "speakers/, else the packaged Tingting.",
     )
+
+
+    @field_validator("repetition_rule", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: Any) -> Any:
+        """YAML 1.1 reads a bare `off`/`on` as a boolean."""
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
 class SessionDefaults(_Section):

@@ -134,8 +134,14 @@ def test_vllm_processors_follow_the_per_request_switch():
 
     assert vllm_repetition.rule_enabled(Params(None))
     assert not vllm_repetition.rule_enabled(Params({"stepaudio_repetition": False}))
-    with pytest.raises(ValueError):
-        vllm_repetition.RepetitionAwareV2.validate_params(Params({"stepaudio_repetition": "yes"}))
+    for bad in ("yes", 2, [1]):
+        for cls in (vllm_repetition.RepetitionAwareV2, vllm_repetition.RepetitionAwareV1):
+            with pytest.raises(ValueError):
+                cls.validate_params(Params({"stepaudio_repetition": bad}))
+    # vLLM's vllm_xargs field turns JSON true/false into 1/0: both forms are the switch.
+    for good, on in ((1, True), (0, False), (True, True), (False, False)):
+        vllm_repetition.RepetitionAwareV2.validate_params(Params({"stepaudio_repetition": good}))
+        assert vllm_repetition.rule_enabled(Params({"stepaudio_repetition": good})) is on
     row = vllm_repetition.RepetitionAwareV1.new_req_logits_processor(None, Params(None))
     logits = torch.zeros(6)
     row([1, 2, 3, 4, 5, 1], [2, 3, 4, 5], logits)  # last ten: 5 1 2 3 4 5 → 5 twice
@@ -146,7 +152,7 @@ def test_tts_sampling_is_the_references_generate_call():
     p = tts_sampling_params(300, seed=7)
     assert (p.temperature, p.top_p, p.top_k, p.stop_token_ids, p.seed) == (0.7, 1.0, 50, (3,), 7)
     assert p.repetition == RepetitionRule(10, 0.1) and p.max_new_tokens == 300
-    assert tts_sampling_params(5, in_process_rule=False).repetition is None
+    assert tts_sampling_params(5, repetition_rule=False).repetition is None
 
 
 def test_audio_filter_maps_audio_ids_and_skips_and_counts_the_rest():

@@ -6,7 +6,7 @@ and a rule that bans the newest token for one step when it fills more than a ten
 ten ids (so: occurs at least twice in them, prompt ids included). The rule exists three ways here
 because three samplers run it: a transformers ``LogitsProcessor`` (``generate`` users), a plain
 ``(ids, logits)`` hook (our engines' sampling hook) and vLLM's batch processors
-(``stepaudio.tts.vllm_repetition``, registered on the TTS-3B vLLM server).
+(``stepaudio.tts.vllm_repetition``, loaded by the TTS-3B vLLM server, asked for per request).
 
 The LM writes ``<audio_N>`` ids (65536 + N, N < 5120) and ends with ``<|EOT|>``. A random or
 confused model can also write text ids; the reference would pass them on to the flow, where they
@@ -83,11 +83,12 @@ class RepetitionAwareLogitsProcessor(LogitsProcessor):
 
 
 def tts_sampling_params(max_new_tokens: int, seed: int | None = None,
-                        in_process_rule: bool = True) -> SamplingParams:
+                        repetition_rule: bool = True) -> SamplingParams:
     """Engine parameters equal to the reference's ``generate`` call for one TTS request.
 
-    ``in_process_rule`` False leaves the repetition rule to the server (vLLM with
-    ``stepaudio.tts.vllm_repetition`` registered): remote engines refuse Python hooks.
+    The repetition rule runs in process (transformers engine) or is asked of the TTS-3B vLLM
+    server (openai engine); ``repetition_rule`` False only where the operator turned it off
+    (``tts.repetition_rule: off``, for a server that cannot apply it).
     """
     return SamplingParams(
         temperature=TTS_TEMPERATURE,
@@ -96,7 +97,7 @@ def tts_sampling_params(max_new_tokens: int, seed: int | None = None,
         max_new_tokens=max(1, int(max_new_tokens)),
         stop_token_ids=(EOT_ID,),
         seed=seed,
-        repetition=RepetitionRule(REPETITION_WINDOW, REPETITION_MAX_RATIO) if in_process_rule
+        repetition=RepetitionRule(REPETITION_WINDOW, REPETITION_MAX_RATIO) if repetition_rule
         else None,
     )
 

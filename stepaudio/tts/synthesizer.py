@@ -418,7 +418,7 @@ class SpeechStream:
         if limit <= 1:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
-                                     in_process_rule=getattr(engine, "name", "") == "transformers")
+                                     repetition_rule=getattr(engine, "repetition_rule", True))
         st = StreamingToken2Wav(model, feats, synth.options.stream, seed=self.seed + index,
                                 solver=solver, decode=decode, encode=encode)
         filt = AudioTokenFilter()
