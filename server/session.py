@@ -662,12 +662,13 @@ class Session:
             await asyncio.sleep(0.01)
         async with self._asr_lock:
             try:
-                text = await self.stages.chat.transcribe(ids)
+                heard = await self.stages.chat.transcribe(ids)
             except Exception as err:
                 if self.config.transcription is not None:
                     self.emit(TranscriptionFailed(item_id=item_id, error=ProtocolError(
                         type="server_error", code="transcription_failed", message=str(err)[:300])))
                 return
+        text = self.context.transcript_text(heard.text, cut=heard.cut)
         if self.context.set_transcript(item_id, text):
             item = self.items.get(item_id)
             if item is not None and item.content:

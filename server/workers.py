@@ -40,7 +40,7 @@ from server.metrics import Metrics
 from server.protocol import AudioFormat, encode_audio
 from stepaudio.audio import StreamingResampler
 from stepaudio.llm.budget import fit_chat_prompt
-from stepaudio.llm.engine import Engine, Generation, SamplingParams
+from stepaudio.llm.engine import Engine, FinishReason, Generation, SamplingParams
 from stepaudio.llm.prompt import build_asr_prompt
 from stepaudio.vad import SAMPLE_RATE, SileroVAD, StreamingVAD, VADEvent, VADParams, run_batch
 
@@ -278,6 +278,12 @@ class TokenizerStage:
 
 
 @dataclass(frozen=True)
+class Transcript:
+    text: str
+    cut: bool  # the transcription hit its token limit: the text is only the start of the turn
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A fitted chat prompt: what goes to the engine, and how big it is."""
 
@@ -338,8 +344,9 @@ class ChatStage:
     def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         return self.engine.generate(prompt.text if self.send_text else prompt.ids, params)
 
-    async def transcribe(self, audio_ids: Sequence[int]) -> str:
-        """The chat model in ASR mode (its system prompt asks it to write down what it heard)."""
+    async def transcribe(self, audio_ids: Sequence[int]) -> Transcript:
+        """The chat model in ASR mode (its system prompt asks it to write down what it heard);
+        ``cut`` when it was still writing at ``max_transcript_tokens``."""
         t0 = time.perf_counter()
         prompt_text = build_asr_prompt(list(audio_ids))
         prompt: str | list[int]
@@ -356,7 +363,7 @@ class ChatStage:
         finally:
             await gen.aclose()
         self.metrics.stage_seconds.labels("transcription").observe(time.perf_counter() - t0)
-        return text.strip()
+        return Transcript(text.strip(), gen.finish_reason is FinishReason.LENGTH)
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
