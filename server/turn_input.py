@@ -5,9 +5,9 @@ Why fed "as confirmed" and not as received: the speculative reply at a pause and
 at the end must read the same ids, ending exactly where the speech ended (the VAD's ``at_ms``).
 The stream is therefore fed only up to the point where the VAD's reading of the audio is settled
 (:attr:`stepaudio.vad.SpeechSegmenter.settled_ms`) while the user speaks, and only up to the end of
-speech while the user pauses. A speculation forks the stream there and finishes the fork; the end
-of turn finishes the stream itself at the same point. If the user resumes, the pause's audio is fed
-too and the turn goes on.
+speech while the user pauses. A speculation takes the stream's snapshot there (its final ids as if
+the turn ended there; the stream stays open); the end of turn finishes the stream itself at the
+same point. If the user resumes, the pause's audio is fed too and the turn goes on.
 
 The ids a model hears are the tokenizer's final codes, identical to the reference's offline codes
 of the turn (``stepaudio/tokenizer/utterance.py``). They are computed once per end of speech, at
@@ -16,7 +16,9 @@ speculative reply and the committed turn share that one result.
 
 Memory is bounded: the ring holds :data:`RING_SECONDS` of audio (longer than the longest allowed
 end-of-turn silence plus the input backlog); the session stops reading its socket before the
-tokenizer could fall that far behind.
+tokenizer could fall that far behind. The tokenizer stream keeps its own copy of the turn (16 kHz
+float32, 64 KB a second: the final codes need the whole turn under its final peak) until the turn
+is committed or discarded.
 """
 
 from __future__ import annotations

@@ -67,20 +67,22 @@ class TokenizerConfig(_Section):
         480,
         ge=120,
         multiple_of=120,
-        description="Streaming: run the S3 tokenizer each time this much new audio has arrived.",
+        description="Provisional streaming ids only (not the final codes, which the server "
+        "uses): run the S3 tokenizer each time this much new audio has arrived.",
     )
     semantic_context_ms: int = Field(
         2400,
         ge=0,
         multiple_of=120,
-        description="Streaming: left context fed to the S3 tokenizer with each new segment.",
+        description="Provisional streaming ids only: left context fed to the S3 tokenizer with "
+        "each new segment.",
     )
     semantic_lookahead_ms: int = Field(
         120,
         ge=0,
         multiple_of=120,
-        description="Streaming: newest audio held back until more arrives (its codes see the "
-        "future as offline ones do); flushed by finish().",
+        description="Provisional streaming ids only: newest audio held back until more arrives "
+        "(its codes see the future as offline ones do); flushed by finish().",
     )
 
 
