@@ -226,6 +226,21 @@ def test_cli_tokenize_prints_the_json_shape(golden_dir, audio_dir, capsys):
     assert set(out) == {"vq02", "vq06", "ids", "text"}
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_tokenize_stream_prints_the_final_codes_equal_to_the_references(
+        golden_dir, audio_dir, capsys, case):
+    rc = cli_main([
+        "tokenize", "--tokenizer", str(golden_dir / "tokenizer" / "Step-Audio-Tokenizer"),
+        str(audio_dir / CASES[case]), "--json", "--stream", "--chunk-ms", "20",
+    ])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = golden_dir / "tokenizer" / "cases" / case
+    assert out["vq02"] == np.load(ref / "vq02_notrim.npy").tolist()
+    assert out["vq06"] == np.load(ref / "vq06_notrim.npy").tolist()
+    assert out["ids"] == np.load(ref / "wav2token_notrim.npy").tolist()
+
+
 def test_cli_tokenize_reports_a_corrupt_file_in_one_line(golden_dir, tmp_path, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")
