@@ -120,7 +120,9 @@ def test_snapshot_is_the_offline_codes_of_the_audio_so_far_and_the_stream_goes_o
     assert stream.snapshot() == tok.tokenize(wav[:cut], sr).ids  # cached, still open
     for i in range(cut, len(wav), 441):
         stream.feed(wav[i : i + 441], sr)
-    assert stream.finish() == tok.tokenize(wav, sr).ids
+    last = stream.snapshot()
+    assert last == tok.tokenize(wav, sr).ids
+    assert stream.finish() == last  # the end of the turn reads the snapshot's codes
 
 
 def test_a_late_peak_re_encodes_and_still_gives_the_offline_codes(tok, audio_dir):

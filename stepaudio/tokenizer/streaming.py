@@ -77,6 +77,8 @@ class AudioTokenStream:
         self.exact = UtteranceCodes(tokenizer)
         self.live = _Provisional(tokenizer) if provisional else None
         self.result: TokenizeResult | None = None  # the final codes, once finished
+        # The last snapshot that needed the resampler's tail: (samples before it, the tail, codes).
+        self._tail_snap: tuple[int, np.ndarray, TokenizeResult] | None = None
         self.samples_16k = 0
         self.finished = False
         self.lock = threading.Lock()
@@ -152,7 +154,9 @@ class AudioTokenStream:
                 return self.exact.codes().ids
             twin = self.exact.fork()
             twin.append(tail)
-            return twin.codes().ids
+            codes = twin.codes()
+            self._tail_snap = (self.exact.n, tail, codes)
+            return codes.ids
 
     def finish(self) -> list[int]:
         """Flush everything buffered; returns the final ids. The stream is closed afterwards."""
@@ -165,10 +169,14 @@ class AudioTokenStream:
                 return []
             y = self.resampler.flush()
             self.samples_16k += len(y)
-            self.exact.append(y)
+            snap = self._tail_snap
             if self.live is not None:
                 self.live.finish(y)
-            self.result = self.exact.codes()
+            if snap is not None and snap[0] == self.exact.n and np.array_equal(snap[1], y):
+                self.result = snap[2]  # nothing came since the snapshot: its codes are final
+            else:
+                self.exact.append(y)
+                self.result = self.exact.codes()
             self.exact.release()
             return self.result.ids
 
