@@ -95,14 +95,13 @@ def prompt(tokenizer) -> str:
     return build_chat_prompt([65536 + 3, 65536 + 1024 + 9] * 12, [("user", "hi")], system="brief")
 
 
-@pytest.fixture(scope="module")
-def vllm_like(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
-    """tests/openai_server.py in its own process; yields its base URL (…/v1)."""
+def _server_process(script: str, args: list[str], tmp_path_factory) -> Iterator[str]:
+    """``tests/<script> ARGS --port P`` in its own process until healthy; yields its …/v1 URL."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("srv") / "openai_server.log"
+    log = tmp_path_factory.mktemp("srv") / f"{script}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "openai_server.py"), str(chat_dir), "--port", str(port)],
+            [sys.executable, str(TESTS / script), *args, "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
         )
     try:
@@ -110,6 +109,12 @@ def vllm_like(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def vllm_like(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
+    """tests/openai_server.py in its own process; yields its base URL (…/v1)."""
+    yield from _server_process("openai_server.py", [str(chat_dir)], tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +122,8 @@ def hf_serve(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
     """The real ``transformers serve`` in its own process; yields its base URL (…/v1)."""
     if not HAVE_SERVING:
         pytest.skip("transformers[serving] is not installed")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("srv") / "transformers_serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "transformers_serve_step1.py"), str(chat_dir),
-             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-        )
-    try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(proc)
+    yield from _server_process("transformers_serve_step1.py",
+                      [str(chat_dir), "--host", "127.0.0.1", "--device", "cpu"], tmp_path_factory)
 
 
 # --- request and stream format (no server) ----------------------------------------------------
@@ -467,19 +461,9 @@ async def test_connection_retry_reaches_a_server_that_comes_up_late():
 
 
 def _tts_server(tts_dir: Path, tmp_path_factory, *extra: str) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("srv") / "tts_server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "openai_server.py"), str(tts_dir), "--port", str(port),
-             "--served-model-name", "step-audio-tts-3b", *extra],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-        )
-    try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(proc)
+    yield from _server_process("openai_server.py",
+                      [str(tts_dir), "--served-model-name", "step-audio-tts-3b", *extra],
+                      tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -553,20 +537,9 @@ def hf_serve_tts(tiny_root: Path, tmp_path_factory) -> Iterator[str]:
     """The real ``transformers serve`` of the tiny TTS-3B; yields its base URL (…/v1)."""
     if not HAVE_SERVING:
         pytest.skip("transformers[serving] is not installed")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("srv") / "transformers_serve_tts.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "transformers_serve_step1.py"),
-             str(tiny_root / "Step-Audio-TTS-3B"), "--host", "127.0.0.1", "--port", str(port),
-             "--device", "cpu"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-        )
-    try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(proc)
+    yield from _server_process("transformers_serve_step1.py",
+                      [str(tiny_root / "Step-Audio-TTS-3B"), "--host", "127.0.0.1", "--device",
+                       "cpu"], tmp_path_factory)
 
 
 async def test_transformers_serve_as_tts_server_is_refused(hf_serve_tts):

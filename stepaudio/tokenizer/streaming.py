@@ -230,7 +230,7 @@ class TokenizerStreams:
         return stream.feed(pcm, sr)
 
     def finish(self, session_id: str) -> list[int]:
-        """Flush and forget the session's stream; a session with no audio yields no ids."""
+        """The session's final ids; the stream is forgotten. A session with no audio yields none."""
         stream = self._get(session_id, create=False)
         if stream is None:
             return []
