@@ -632,7 +632,7 @@ class SpeechStream:
         if limit <= 1:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
-                                     in_process_rule=getattr(engine, "name", "") == "transformers")
+                                     repetition_rule=getattr(engine, "repetition_rule", True))
         filt = AudioTokenFilter()
         if report.first_request_at is None:
             report.first_request_at = time.perf_counter()
