@@ -42,8 +42,10 @@ class Outbox:
     """Bounded FIFO of wire messages for one WebSocket."""
 
     def __init__(self, ws: Any, max_bytes: int, on_sent: Callable[[Outgoing, float], None],
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 wall: Callable[[], float] = time.perf_counter) -> None:
         self.ws = ws
+        self.wall = wall
         self.max_bytes = max_bytes
         self.on_sent = on_sent
         self.on_bytes = on_bytes
@@ -134,7 +136,7 @@ class Outbox:
                 self._account(-msg.size)
                 await self.ws.send(msg.wire)
                 if msg.response is not None:
-                    self.on_sent(msg, time.perf_counter())
+                    self.on_sent(msg, self.wall())
         except ConnectionClosed:
             pass
         finally:

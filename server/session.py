@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,8 @@ class SessionEnv:
     stages: Stages
     metrics: Metrics
     defaults: SessionConfig
+    #: The wall clock (seconds) of the turn clock, the outbox and the timings; tests move it.
+    wall: Callable[[], float] = time.perf_counter
 
 
 def default_session_config(cfg: Config) -> SessionConfig:
@@ -166,11 +169,11 @@ class Session:
                                       max_tokens=self.stages.chat.budget,
                                       max_bytes=scfg.max_history_bytes)
         self.max_item_bytes = min(scfg.max_item_bytes, scfg.max_send_queue_bytes // 4)
-        self.clock = InputClock(scfg.stall_grace_ms)
+        self.clock = InputClock(scfg.stall_grace_ms, env.wall)
         self.turn = TurnInput(self.stages.tokenizer)
         self.pump = self.stages.pump.client(self._vad_params(), self._on_pump)
         self.outbox = Outbox(ws, scfg.max_send_queue_bytes, self._on_sent,
-                             self.metrics.send_queue_bytes.inc)
+                             self.metrics.send_queue_bytes.inc, wall=env.wall)
         self.max_backlog_ms = float(scfg.max_input_backlog_ms)
         self.max_event_bytes = scfg.max_event_bytes
         self.vad_analysed_ms = 0.0
@@ -189,7 +192,7 @@ class Session:
         self._drained = asyncio.Event()
         self.closing = False
         #: (wall time, silence wait ms) of the latest end of turn, for the reply it starts.
-        self._end_of_turn: tuple[float, float] = (time.perf_counter(), 0.0)
+        self._end_of_turn: tuple[float, float] = (env.wall(), 0.0)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -662,7 +665,7 @@ class Session:
         self._remember(item_id, item)
         self.emit(ConversationItemCreated(previous_item_id=prev, item=item))
         self.emit(ConversationItemDone(previous_item_id=prev, item=item))
-        self._end_of_turn = (time.perf_counter(), max(0.0, self.now() - a.audio_end_ms))
+        self._end_of_turn = (self.env.wall(), max(0.0, self.now() - a.audio_end_ms))
         self._spawn(self._insert_user_turn(ut))
 
     async def _insert_user_turn(self, ut: UserTurn) -> None:
@@ -805,7 +808,7 @@ class Session:
         if a.reason == "end_of_turn":
             reply.t.end_of_turn, reply.t.silence_wait_ms = self._end_of_turn
         else:
-            reply.t.end_of_turn = time.perf_counter()
+            reply.t.end_of_turn = self.env.wall()
         self._keep(reply)
         self.reply_by_item[reply.item.id] = reply.rid
         self._created(reply)
