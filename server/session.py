@@ -571,32 +571,14 @@ class Session:
         return item
 
     def _do(self, actions: list[ctl.Action], event_id: str | None = None) -> None:
-        if not actions:
-            return
-        # A barge-in is announced first: the client flushes its playback on speech_started, then
-        # hears about the cancelled reply and its truncation.
-        front = [a for a in actions if isinstance(a, ctl.SpeechStarted) and a.barge_in]
-        if front:
-            front += [a for a in actions if isinstance(a, ctl.StateChange)
-                      and a.reason == "barge_in"]
-            actions = front + [a for a in actions if a not in front]
-        # The state moves to bot_replying before the reply's own events go out.
-        starting = [a for a in actions if isinstance(a, ctl.StateChange)
-                    and a.reason == "response_started"]
-        if starting:
-            rest = [a for a in actions if a not in starting]
-            k = next((i for i, a in enumerate(rest)
-                      if isinstance(a, (ctl.CommitSpeculation, ctl.StartResponse))), len(rest))
-            actions = rest[:k] + starting + rest[k:]
-        spec_commits = {a.turn_id: a.response_id for a in actions
-                        if isinstance(a, ctl.CommitSpeculation)}
+        """Carry out the controller's actions in the order given (the wire's order)."""
         for a in actions:
             try:
-                self._act(a, spec_commits, event_id)
+                self._act(a, event_id)
             except Exception:
                 log.exception("carrying out %s failed", type(a).__name__)
 
-    def _act(self, a: ctl.Action, spec_commits: dict[int, int], event_id: str | None) -> None:
+    def _act(self, a: ctl.Action, event_id: str | None) -> None:
         if isinstance(a, ctl.StateChange):
             self.emit(StateChanged(state=a.state, previous=a.previous, reason=a.reason,
                                    at_ms=a.at_ms))
@@ -610,7 +592,7 @@ class Session:
             self.emit(SpeechStopped(audio_end_ms=a.audio_end_ms,
                                     item_id=self._turn_item(a.turn_id)))
         elif isinstance(a, ctl.CommitInput):
-            self._commit_input(a, spec_commits.get(a.turn_id))
+            self._commit_input(a)
         elif isinstance(a, ctl.InputCleared):
             self.turn.discard()
             self.buffer_start = self.now()
@@ -641,11 +623,11 @@ class Session:
         elif isinstance(a, ctl.Reject):
             self.error(ProtocolError(code=a.code, message=a.message, event_id=event_id))
 
-    def _commit_input(self, a: ctl.CommitInput, spec_rid: int | None) -> None:
+    def _commit_input(self, a: ctl.CommitInput) -> None:
         item_id = self._turn_item(a.turn_id)
         prev = self.context.last_item_id()
         end_audio = self.clock.audio_at(a.audio_end_ms)
-        spec = self.replies.get(spec_rid) if spec_rid is not None else None
+        spec = self.replies.get(a.speculation) if a.speculation is not None else None
         if spec is not None and spec.tokens_future is not None:
             self.turn.discard()  # the speculation read these very tokens
             tokens: asyncio.Future[Tokens] = spec.tokens_future
