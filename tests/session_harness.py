@@ -35,7 +35,8 @@ import numpy as np
 from websockets.exceptions import ConnectionClosedError
 
 from server.metrics import Metrics
-from server.session import Session, SessionEnv, default_session_config
+from server.protocol import default_session_config
+from server.session import Session, SessionEnv
 from server.workers import ChatStage, InputPump, SpeechStage, Stages, TokenizerStage
 from stepaudio.config import Config
 from stepaudio.llm.engine import (
@@ -404,7 +405,7 @@ class SessionHarness:
                              {"vad": "energy", "tokenizer": "counting", "chat": "scripted",
                               "tts": "scripted"})
         self.env = SessionEnv(self.cfg, self.stages, self.metrics,
-                              default_session_config(self.cfg), wall=self.time)
+                              default_session_config(self.cfg.session), wall=self.time)
         self.ws = FakeSocket(self.time)
         self.dialect = dialect
         self.session: Session | None = None

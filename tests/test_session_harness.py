@@ -93,8 +93,13 @@ async def test_a_spoken_turn_is_answered_by_its_committed_speculation_in_wire_or
         assert done["output"][0]["content"][0]["transcript"] == h.chat.reply
         timings = h.of("stepaudio.timings")[0]["timings_ms"]
         assert timings["silence_wait"] == 2080 - stopped["audio_end_ms"]
+        # in virtual time: the speculation had its first audio ready 500 ms before the end of the
+        # turn (its first clause: 3 tokens from 100 ms on, then a 60 ms chunk of synthesis), so
+        # all of that time was saved and the audio went out at once
+        assert timings["end_of_turn_to_first_audio"] == 0
+        assert timings["speculation_saved"] == 100 + 2 * 20 + 60
         # the history: the user's turn as its transcript, the reply as spoken
-        assert [(t.role, t.text) for t in h.session.context] == [
+        assert [(t.role, t.text) for t in h.session.conversation.context] == [
             ("user", "你好"), ("assistant", h.chat.reply)]
 
 
@@ -153,7 +158,7 @@ async def test_barge_in_truncates_the_reply_to_the_audio_played():
         # nothing of that reply after the flush signal
         assert not [e for e in h.events[i:] if e["type"] == "response.output_audio.delta"]
         # the history keeps what was heard: 3 characters of 200 ms each, and no more
-        heard = h.session.context.get(item_id).spoken_text
+        heard = h.session.conversation.context.get(item_id).spoken_text
         assert heard == LONG_REPLY[: int(truncated["audio_end_ms"] // 200)][:len(heard)]
         assert heard.startswith("好的，") and "明天" not in heard
         # the client says it played less: that wins, for the history and for retrieval
@@ -197,8 +202,8 @@ async def test_manual_turns_commit_and_reply_on_request():
         ], wire(h)
         committed = h.of("input_audio_buffer.committed")[0]
         assert h.of("response.created")[0]["response"]["metadata"] == {"k": "v"}
-        assert [t.role for t in h.session.context] == ["user", "assistant"]
-        assert h.session.context.get(committed["item_id"]).text == "你好"
+        assert [t.role for t in h.session.conversation.context] == ["user", "assistant"]
+        assert h.session.conversation.context.get(committed["item_id"]).text == "你好"
 
 
 async def test_a_client_that_disconnects_mid_reply_leaves_nothing_running(caplog):
@@ -217,7 +222,7 @@ async def test_a_client_that_disconnects_mid_reply_leaves_nothing_running(caplog
         assert h.chat.cancelled >= 1
         assert not h.pump.clients and not h.pump.tickers
         assert not [t for t in session.tasks if not t.done()]
-        assert len(session.context) == 0  # the history is let go at once
+        assert len(session.conversation.context) == 0  # the history is let go at once
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
@@ -260,7 +265,7 @@ async def test_a_chat_model_failing_mid_reply_ends_it_and_keeps_what_was_said():
         assert wire(h, i) == ["error", *REPLY_END, "response.done:failed", "stepaudio.timings"
                               ], wire(h, i)
         await h.silence(400)
-        heard = h.session.context.get(done["output"][0]["id"]).spoken_text
+        heard = h.session.conversation.context.get(done["output"][0]["id"]).spoken_text
         sent = sum(audio_ms(e) for e in h.of("response.output_audio.delta"))
         assert heard and LONG_REPLY.startswith(heard) and len(heard) <= sent / 200  # 200 ms a char
         h.chat.fail_after = None  # the next turn works
@@ -290,4 +295,4 @@ async def test_text_only_reply_to_a_text_item():
         prompt = h.chat.reply_prompts()[-1]
         assert prompt.endswith("human\n今天天气怎么样<|EOT|><|BOT|>assistant\n")
         reply = h.of("response.done")[0]["response"]["output"][0]
-        assert h.session.context.get(reply["id"]).spoken_text == h.chat.reply
+        assert h.session.conversation.context.get(reply["id"]).spoken_text == h.chat.reply

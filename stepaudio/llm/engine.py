@@ -247,6 +247,40 @@ class Engine(Protocol):
     async def aclose(self) -> None: ...
 
 
+class EngineBase:
+    """What every backend's ``generate`` does before its own work (:meth:`_start`): the
+    defaults, the prompt check, and refusing in-process Python hooks where they cannot run."""
+
+    name: str
+    defaults: SamplingParams
+    #: Per-request Python logits hooks and repetition rules run here (in process only).
+    runs_python_hooks: bool = False
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Generation:
+        """Start one request. Raises :class:`EngineError` at once for a prompt no backend can
+        run and :class:`EngineUnsupported` for hooks this backend cannot run (it must not
+        silently sample differently); later failures arrive through the iterator."""
+        params = params or self.defaults
+        if not self.runs_python_hooks and (
+            params.logits_hook is not None or params.repetition is not None
+        ):
+            raise EngineUnsupported(
+                f"the {self.name} engine cannot run per-request Python logits hooks or "
+                "repetition rules; use the transformers engine for that request"
+            )
+        return self._start(check_prompt(prompt), params, request_id or new_request_id())
+
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str
+               ) -> Generation:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

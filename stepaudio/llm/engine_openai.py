@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,18 +27,16 @@ import httpx
 from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
     Delta,
+    EngineBase,
     EngineError,
     EngineProtocolError,
     EngineTimeout,
     EngineUnavailable,
-    EngineUnsupported,
     FinishReason,
     Generation,
     SamplingParams,
     StreamedGeneration,
     Usage,
-    check_prompt,
-    new_request_id,
 )
 
 if TYPE_CHECKING:
@@ -250,7 +248,7 @@ class _HTTPGeneration(StreamedGeneration):
         return Usage(n_prompt, counted + extra)
 
 
-class OpenAIEngine:
+class OpenAIEngine(EngineBase):
     """Client of an OpenAI-compatible completions server; one shared connection pool per loop."""
 
     name = "openai"
@@ -315,22 +313,10 @@ class OpenAIEngine:
             defaults=SamplingParams.from_config(cfg),
         )
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-    ) -> Generation:
-        """Start a request; connecting happens on the first ``__anext__``."""
-        params = params or self.defaults
-        if params.logits_hook is not None or params.repetition is not None:
-            raise EngineUnsupported(
-                "the openai engine cannot run in-process logits hooks or repetition rules; "
-                "use the transformers engine for that request"
-            )
-        prompt = check_prompt(prompt)
-        return _HTTPGeneration(self, prompt, params, request_id or new_request_id())
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str
+               ) -> Generation:
+        """Connecting happens on the first ``__anext__``."""
+        return _HTTPGeneration(self, prompt, params, request_id)
 
     def _client(self) -> httpx.AsyncClient:
         # An httpx client's pool belongs to one event loop; tests (and CLI runs) may use several.

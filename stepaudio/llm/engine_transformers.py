@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -36,13 +35,12 @@ from stepaudio.llm import compat
 from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
     Delta,
+    EngineBase,
     EngineError,
     FinishReason,
     Generation,
     SamplingParams,
     Usage,
-    check_prompt,
-    new_request_id,
 )
 from stepaudio.llm.sampler import apply_repetition_rule, sample_token
 
@@ -156,7 +154,7 @@ class _Steps(Protocol):
         """Give back what ``admit`` reserved; called exactly once per admitted request."""
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """Step1 in this process. Thread-safe ``generate``; one worker thread does all model work.
 
     ``fast_decode``: ``auto`` batches through :class:`Step1FastDecoder` when the model is a
@@ -167,6 +165,7 @@ class TransformersEngine:
     """
 
     name = "transformers"
+    runs_python_hooks = True
 
     def __init__(
         self,
@@ -310,28 +309,18 @@ class TransformersEngine:
         )
 
     # -- public API ----------------------------------------------------------------------------
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-    ) -> Generation:
-        """Start one request; must be called from a running event loop (deltas arrive on it).
-
-        Raises :class:`EngineError` at once for an empty prompt, one that leaves no room for a
-        single new token in the context window, or when ``max_waiting`` requests already wait
-        for a slot; later failures arrive through the iterator.
-        """
-        params = params or self.defaults
-        prompt = check_prompt(prompt)
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str
+               ) -> Generation:
+        """Must be called from a running event loop (deltas arrive on it). Refuses at once a
+        prompt that leaves no room for a single new token in the context window, and a request
+        when ``max_waiting`` requests already wait for a slot."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if len(ids) >= self.max_model_len:
             raise EngineError(
                 f"prompt of {len(ids)} tokens leaves no room in the {self.max_model_len}-token "
                 "context window"
             )
-        stream = _ThreadedGeneration(request_id or new_request_id(), len(ids), self._wake)
+        stream = _ThreadedGeneration(request_id, len(ids), self._wake)
         generator = torch.Generator(device=self.device)
         if params.seed is not None:
             generator.manual_seed(params.seed)
