@@ -378,9 +378,9 @@ class Controller:
                     )
                 )
         if self.state == "bot_replying":
-            rid = self.response_id
+            playing = self.response_id
             if (
-                rid is not None
+                playing is not None
                 and cfg.turn_detection
                 and cfg.interrupt_response
                 and self._vad_speaking
@@ -391,7 +391,7 @@ class Controller:
                     self._begin_turn(self._vad_since, barge_in=True)
                     self._interrupt("turn_detected")
                     return
-            if rid is not None and self._playback[rid].finished(now):
+            if playing is not None and self._playback[playing].finished(now):
                 self.response_id = None
                 self._set_state("silence", "response_finished")
                 if cfg.turn_detection and self._vad_speaking:  # the user began as the bot ended

@@ -24,9 +24,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from server.context import ContextError, ContextManager, utf8_len
 from server.outbox import SentAudio
 from server.protocol import (
+    AudioFormat,
     ContentPart,
     ConversationItemCreate,
     ConversationItemCreated,
@@ -42,6 +45,8 @@ from server.protocol import (
     SessionConfig,
     TranscriptionCompleted,
     TranscriptionFailed,
+    decode_audio,
+    decode_base64,
     item_from_client,
     new_id,
 )
@@ -156,8 +161,42 @@ class Conversation:
         while len(self.items) > 2 * self.context.max_items:
             self.items.popitem(last=False)
 
-    def check_new_item(self, ev: ConversationItemCreate, max_item_bytes: int
-                       ) -> ProtocolError | None:
+    async def create_item(self, ev: ConversationItemCreate, fmt: AudioFormat,
+                          max_item_bytes: int) -> ProtocolError | None:
+        """A client's item (its input audio in the session's format ``fmt`` is tokenized): →
+        ``conversation.item.created``, or what is wrong with it (nothing is then kept)."""
+        problem = self._check_new_item(ev, max_item_bytes)
+        if problem is not None:
+            return problem
+        audio = await self._item_audio(ev, fmt)
+        if isinstance(audio, ProtocolError):
+            return audio
+        item = item_from_client(ev.item)
+        prev = ev.previous_item_id
+        text = "".join((p.text or p.transcript or "") for p in item.content)
+        anchor = prev if prev is not None else self.context.last_item_id()
+        try:
+            if item.role == "user" and audio:
+                self.context.add_user_audio(item.id, audio, prev)
+                if text:
+                    self.context.set_transcript(item.id, text)
+            elif item.role == "user":
+                self.context.add_user_text(item.id, text, prev)
+            elif item.role == "system":
+                self.context.add_system_text(item.id, text, prev)
+            else:
+                self.context.add_assistant(item.id, prev, in_progress=False)
+                self.context.add_assistant_text(item.id, text)
+        except ContextError as err:
+            return ProtocolError(code="invalid_value", param="item", message=str(err),
+                                 event_id=ev.event_id)
+        self._remember(item)
+        self.host.emit(ConversationItemCreated(previous_item_id=anchor, item=item))
+        self.host.emit(ConversationItemDone(previous_item_id=anchor, item=item))
+        return None
+
+    def _check_new_item(self, ev: ConversationItemCreate, max_item_bytes: int
+                        ) -> ProtocolError | None:
         """What is wrong with a client's new item before any of it is decoded, if anything."""
         prev, eid = ev.previous_item_id, ev.event_id
         if prev is not None and prev not in self.context:
@@ -180,32 +219,20 @@ class Conversation:
                 "(server.max_history_bytes); delete items (conversation.item.delete) first")
         return None
 
-    def create_item(self, ev: ConversationItemCreate, audio_ids: list[int]
-                    ) -> ProtocolError | None:
-        """A client's item (checked by :meth:`check_new_item`; its audio already tokenized)."""
-        item = item_from_client(ev.item)
-        prev = ev.previous_item_id
-        text = "".join((p.text or p.transcript or "") for p in item.content)
-        anchor = prev if prev is not None else self.context.last_item_id()
-        try:
-            if item.role == "user" and audio_ids:
-                self.context.add_user_audio(item.id, audio_ids, prev)
-                if text:
-                    self.context.set_transcript(item.id, text)
-            elif item.role == "user":
-                self.context.add_user_text(item.id, text, prev)
-            elif item.role == "system":
-                self.context.add_system_text(item.id, text, prev)
-            else:
-                self.context.add_assistant(item.id, prev, in_progress=False)
-                self.context.add_assistant_text(item.id, text)
-        except ContextError as err:
-            return ProtocolError(code="invalid_value", param="item", message=str(err),
-                                 event_id=ev.event_id)
-        self._remember(item)
-        self.host.emit(ConversationItemCreated(previous_item_id=anchor, item=item))
-        self.host.emit(ConversationItemDone(previous_item_id=anchor, item=item))
-        return None
+    async def _item_audio(self, ev: ConversationItemCreate, fmt: AudioFormat
+                          ) -> list[int] | ProtocolError:
+        """The audio tokens of a client item's input audio."""
+        ids: list[int] = []
+        for part in ev.item.content or []:
+            if part.type == "input_audio" and part.audio:
+                raw = decode_base64(part.audio, "item.content.audio", ev.event_id)
+                samples = raw if isinstance(raw, ProtocolError) else decode_audio(raw, fmt,
+                                                                                   ev.event_id)
+                if isinstance(samples, ProtocolError):
+                    return samples
+                tokens = await self.host.stages.tokenizer.tokenize(np.asarray(samples), fmt.rate)
+                ids += tokens.ids
+        return ids
 
     def delete_item(self, item_id: str, event_id: str | None) -> ProtocolError | None:
         try:

@@ -45,8 +45,10 @@ from server.protocol import (
     ProtocolError,
     ReplySettings,
     Response,
+    ResponseCreated,
     ResponseDone,
     ServerEvent,
+    SpeculationEvent,
     TextDelta,
     TextDone,
     Timings,
@@ -203,6 +205,16 @@ class Reply:
         for event, audio_ms, sent in held:
             self.host.emit(event, reply=self, audio_ms=audio_ms, sent=sent)
         self._released.set()
+
+    def created_event(self) -> ResponseCreated:
+        return ResponseCreated(response=self.response.model_copy(update={
+            "status": "in_progress", "output": [], "usage": None, "reason": None}))
+
+    def speculation_event(self, action: Literal["started", "committed", "cancelled"],
+                          reason: str | None = None) -> SpeculationEvent:
+        return SpeculationEvent(action=action, speculation_id=self.response.id,
+                                item_id=self.user_item or "", audio_end_ms=self.spec_end_ms,
+                                reason=reason)
 
     # -- control ----------------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from server import controller as ctl
@@ -50,20 +49,17 @@ from server.protocol import (
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
-    ResponseCreated,
     ResponseParams,
     ServerEvent,
     SessionConfig,
     SessionCreated,
     SessionUpdate,
     SessionUpdated,
-    SpeculationEvent,
     SpeechStarted,
     SpeechStopped,
     StateChanged,
     apply_session_update,
     decode_audio,
-    decode_base64,
     new_id,
     parse_client_event,
     session_update_dialect,
@@ -71,7 +67,7 @@ from server.protocol import (
 )
 from server.reply import Reply
 from server.turn_input import RING_SECONDS, TurnInput
-from server.waiting import first_of
+from server.waiting import TaskSet, first_of
 from server.workers import PumpResult, Stages, Tokens
 from stepaudio.vad import FRAME_MS, VADParams
 
@@ -131,7 +127,7 @@ class Session:
         self.speech_end_ms = 0.0  # audio ms where the last speech ended
         self.buffer_start = 0.0  # clock ms where the uncommitted input begins
         self.next_response_params: ResponseParams | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet()
         self._drained = asyncio.Event()
         self.closing = False
         #: (wall time, silence wait ms) of the latest end of turn, for the reply it starts.
@@ -145,22 +141,8 @@ class Session:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, awaited: bool = False
               ) -> asyncio.Task[Any]:
-        """A task the session cancels when it closes. ``awaited``: its result (or failure)
-        belongs to whoever awaits it (a turn's tokens), so a failure is not logged here."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._awaited_done if awaited else self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("session task failed", exc_info=task.exception())
-
-    def _awaited_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: an unawaited failure is not an asyncio warning
+        """A task that ends with the session (see :class:`~server.waiting.TaskSet`)."""
+        return self.tasks.spawn(coro, awaited=awaited)
 
     def now(self) -> float:
         """The controller's time (see :data:`LEAD_MS` and :mod:`server.clock`)."""
@@ -221,8 +203,7 @@ class Session:
         for reply in replies:
             reply.cancel("session_closed")
         self.turn.discard()
-        for task in list(self.tasks):
-            task.cancel()
+        self.tasks.cancel()
         await self.outbox.aclose()
         running = [r.task for r in replies if not r.task.done()]
         if running:  # their cleanup (closing the LLM stream and the TTS) is short
@@ -264,13 +245,9 @@ class Session:
         if isinstance(new, ProtocolError):
             self.error(new)
             return
-        if new.voice != self.config.voice and new.audio_output:
-            problem = self.stages.speech.check_voice(new.speaker)
-            if problem:
-                self.error(ProtocolError(code="invalid_value", param="session.voice",
-                                         message=f"session.voice: {problem}",
-                                         event_id=ev.event_id))
-                return
+        if new.voice != self.config.voice and new.audio_output and not self._voice_ok(
+                new.voice, "session.voice", ev.event_id):
+            return
         dialect = session_update_dialect(ev.session)
         if isinstance(dialect, str):
             self.dialect = dialect
@@ -283,6 +260,14 @@ class Session:
             self.turn.discard()  # the other mode opens its utterances itself
         self._do(self.controller.configure(ControllerConfig.from_session(new), self.now()))
         self.emit(SessionUpdated(session=new))
+
+    def _voice_ok(self, voice: str, param: str, event_id: str | None) -> bool:
+        """Whether the synthesizer has this voice's speaker; if not, the client is told."""
+        problem = self.stages.speech.check_voice(speaker_of(voice))
+        if problem:
+            self.error(ProtocolError(code="invalid_value", param=param,
+                                     message=f"{param}: {problem}", event_id=event_id))
+        return not problem
 
     async def _on_InputAudioBufferAppend(self, ev: InputAudioBufferAppend) -> None:
         fmt = self.config.input_format
@@ -322,13 +307,9 @@ class Session:
 
     def _on_ResponseCreate(self, ev: ResponseCreate) -> None:
         params = ev.response
-        if params is not None and params.voice:
-            problem = self.stages.speech.check_voice(speaker_of(params.voice))
-            if problem:
-                self.error(ProtocolError(code="invalid_value", param="response.voice",
-                                         message=f"response.voice: {problem}",
-                                         event_id=ev.event_id))
-                return
+        if params is not None and params.voice and not self._voice_ok(
+                params.voice, "response.voice", ev.event_id):
+            return
         self.next_response_params = params
         self._do(self.controller.create_response(self.now()), ev.event_id)
         self.next_response_params = None
@@ -359,30 +340,12 @@ class Session:
             self.error(problem)
 
     async def _on_ConversationItemCreate(self, ev: ConversationItemCreate) -> None:
-        problem = self.conversation.check_new_item(ev, self.max_item_bytes)
-        audio = [] if problem is not None else await self._item_audio(ev)
-        if isinstance(audio, ProtocolError):
-            problem = audio
-        elif problem is None:
-            problem = self.conversation.create_item(ev, audio)
+        problem = await self.conversation.create_item(ev, self.config.input_format,
+                                                      self.max_item_bytes)
         if problem is not None:
             self.error(problem)
             return
         self._do(self.controller.input_changed(self.now()))
-
-    async def _item_audio(self, ev: ConversationItemCreate) -> list[int] | ProtocolError:
-        """The audio tokens of a client item's input audio (in the session's input format)."""
-        fmt, ids = self.config.input_format, []
-        for part in ev.item.content or []:
-            if part.type == "input_audio" and part.audio:
-                raw = decode_base64(part.audio, "item.content.audio", ev.event_id)
-                samples = raw if isinstance(raw, ProtocolError) else decode_audio(raw, fmt,
-                                                                                   ev.event_id)
-                if isinstance(samples, ProtocolError):
-                    return samples
-                tokens = await self.stages.tokenizer.tokenize(np.asarray(samples), fmt.rate)
-                ids += tokens.ids
-        return ids
 
     # -- the input pipeline ---------------------------------------------------------------------
 
@@ -461,7 +424,7 @@ class Session:
             if reply is not None:
                 reply.cancel(a.reason)
                 self.metrics.speculations.labels("cancelled").inc()
-                self._speculation_event(reply, "cancelled", a.reason)
+                self.emit(reply.speculation_event("cancelled", a.reason))
         elif isinstance(a, ctl.CommitSpeculation):
             self._commit_speculation(a)
         elif isinstance(a, ctl.StartResponse):
@@ -498,16 +461,6 @@ class Session:
 
     # -- replies ----------------------------------------------------------------------------------
 
-    def _speculation_event(self, reply: Reply, action: str, reason: str | None = None) -> None:
-        self.emit(SpeculationEvent(action=action, speculation_id=reply.response.id,
-                                   item_id=reply.user_item or "", audio_end_ms=reply.spec_end_ms,
-                                   reason=reason))
-
-    def _created(self, reply: Reply) -> None:
-        snapshot = reply.response.model_copy(update={"status": "in_progress", "output": [],
-                                                     "usage": None, "reason": None})
-        self.emit(ResponseCreated(response=snapshot))
-
     def _start_speculation(self, a: ctl.StartSpeculation) -> None:
         end_audio = self.clock.audio_at(a.audio_end_ms)
         tokens = self.spawn(self.turn.snapshot(end_audio), awaited=True)
@@ -515,15 +468,15 @@ class Session:
                       tokens=tokens, user_item=self.conversation.item_for_turn(a.turn_id),
                       spec_end_ms=a.audio_end_ms)
         self.conversation.add_reply(reply)
-        self._speculation_event(reply, "started")
+        self.emit(reply.speculation_event("started"))
 
     def _commit_speculation(self, a: ctl.CommitSpeculation) -> None:
         reply = self.conversation.reply(a.response_id)
         if reply is None:
             return
         self.metrics.speculations.labels("committed").inc()
-        self._speculation_event(reply, "committed")
-        self._created(reply)
+        self.emit(reply.speculation_event("committed"))
+        self.emit(reply.created_event())
         self.conversation.commit(reply)
         reply.commit(self._end_of_turn)
         if reply.finished:
@@ -537,7 +490,7 @@ class Session:
                       speculative=False, tokens=tokens, user_item=user_item,
                       end_of_turn=end_of_turn)
         self.conversation.add_reply(reply)
-        self._created(reply)
+        self.emit(reply.created_event())
 
     def reply_finished(self, reply: Reply) -> None:
         """Generation ended (completed, incomplete or failed)."""

@@ -221,7 +221,7 @@ async def test_a_client_that_disconnects_mid_reply_leaves_nothing_running(caplog
         assert all(s.closed for s in h.synth.streams)
         assert h.chat.cancelled >= 1
         assert not h.pump.clients and not h.pump.tickers
-        assert not [t for t in session.tasks if not t.done()]
+        assert not [t for t in session.tasks.tasks if not t.done()]
         assert len(session.conversation.context) == 0  # the history is let go at once
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 

@@ -442,7 +442,8 @@ def _merge_transcription(
     if new is None:
         return None
     base = cur or Transcription()
-    upd = {k: getattr(new, k) for k in ("model", "language", "prompt") if k in new.model_fields_set}
+    upd: dict[str, Any] = {k: getattr(new, k) for k in ("model", "language", "prompt")
+                           if k in new.model_fields_set}
     if upd.get("model") is None:
         upd.pop("model", None)
     return base.model_copy(update=upd)

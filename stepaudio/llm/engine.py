@@ -174,7 +174,8 @@ class Generation(AsyncIterator[Delta]):
 
     async def collect(self) -> tuple[str, list[int]]:
         """Whole reply text and token ids (convenience for offline use and tests)."""
-        text, ids = [], []
+        text: list[str] = []
+        ids: list[int] = []
         async for delta in self:
             text.append(delta.text)
             ids.extend(delta.token_ids)

@@ -221,18 +221,18 @@ class TransformersEngine(EngineBase):
             return False
         from stepaudio.llm.step1 import Step1ForCausalLM
 
-        is_step1 = isinstance(self.model, Step1ForCausalLM)
+        model = self.model
         if mode == "on":
-            if not is_step1:
+            if not isinstance(model, Step1ForCausalLM):
                 raise ValueError(f"fast_decode needs a Step1ForCausalLM, not "
-                                 f"{type(self.model).__name__}")
+                                 f"{type(model).__name__}")
             return True
-        if not is_step1:
+        if not isinstance(model, Step1ForCausalLM):
             return False
-        cfg = self.model.config
+        cfg = model.config
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         per_token = 2 * cfg.num_hidden_layers * cfg.num_attention_groups * head_dim  # k and v
-        element = next(self.model.parameters()).element_size()
+        element = next(model.parameters()).element_size()
         cache = per_token * (slots + 1) * max_len * element  # + 1: the scratch slot
         return self.auto_fast_path(self.device, cache)
 
@@ -290,7 +290,8 @@ class TransformersEngine(EngineBase):
             model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the Step1 model from {folder}: {exc}") from exc
-        return cls(model.to(device), tokenizer, **kwargs)
+        # transformers types the wrapped .to() of its models too narrowly for a device name
+        return cls(model.to(device), tokenizer, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_config(cls, cfg: LLMConfig, model_dir: str | os.PathLike[str]) -> TransformersEngine:
