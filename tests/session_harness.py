@@ -11,7 +11,8 @@ segmenter), and only what is slow or random is replaced:
   frames into events is the real one, with its real minimum durations);
 - the models: :class:`ScriptedChat` answers with a fixed text at a fixed pace (and records its
   prompts), :class:`ScriptedSynth` speaks each clause at 200 ms of audio per character, produced
-  four times faster than real time; the audio tokenizer counts samples;
+  four times faster than real time; the audio tokenizer is the zero-cost instrument's (its ids
+  count samples);
 - the socket: :class:`FakeSocket` records what was sent and when, and can disconnect.
 
 The stages' thread pools are replaced by an executor that runs each job at once on the loop's
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 from websockets.exceptions import ConnectionClosedError
 
+from server.instruments.zero_cost import ZeroCostTokenStream
 from server.metrics import Metrics
 from server.protocol import default_session_config
 from server.session import Session, SessionEnv
@@ -41,6 +43,7 @@ from server.workers import ChatStage, InputPump, SpeechStage, Stages, TokenizerS
 from stepaudio.config import Config
 from stepaudio.llm.engine import (
     Delta,
+    EngineError,
     FinishReason,
     SamplingParams,
     StreamedGeneration,
@@ -152,35 +155,6 @@ class EnergyVAD:
         return (rms > 0.01).astype(np.float32)
 
 
-class CountingTokens:
-    """The audio tokenizer's stream interface: one id per 24 ms of 16 kHz audio, in groups of 5."""
-
-    def __init__(self) -> None:
-        self.samples = 0
-        self._ids: list[int] = []
-
-    @property
-    def ids(self) -> list[int]:
-        return self._ids
-
-    def _upto(self, n: int) -> list[int]:
-        new = [65536 + (len(self._ids) + k) % 1024 for k in range(n - len(self._ids))]
-        self._ids.extend(new)
-        return new
-
-    def feed(self, pcm: np.ndarray, sr: int) -> list[int]:
-        self.samples += len(pcm)
-        return self._upto(self.samples // 384 // 5 * 5)
-
-    def fork(self) -> CountingTokens:
-        twin = CountingTokens()
-        twin.samples, twin._ids = self.samples, list(self._ids)
-        return twin
-
-    def finish(self) -> list[int]:
-        return self._upto(max(5, -(-self.samples // 384) // 5 * 5))
-
-
 class CharTokenizer:
     """A text tokenizer with one id per character (prompt fitting counts with it)."""
 
@@ -214,8 +188,6 @@ class _Typing(StreamedGeneration):
                 yield Delta(finish_reason=FinishReason.CANCELLED, usage=Usage(self.prompt_len, n))
                 return
             if self.chat.fail_after is not None and n > self.chat.fail_after:
-                from stepaudio.llm.engine import EngineError
-
                 raise EngineError("the scripted chat model went away")
             yield Delta(text=ch, token_ids=(ord(ch),))
             if n < limit:
@@ -393,7 +365,7 @@ class SessionHarness:
         self.chat = ScriptedChat(self.time)
         self.synth = ScriptedSynth(self.time)
         self.pump = SteppedPump(EnergyVAD(), self.metrics)  # type: ignore[arg-type]
-        tokenizer = TokenizerStage(CountingTokens, self.metrics, 1, name="counting")
+        tokenizer = TokenizerStage(ZeroCostTokenStream, self.metrics, 1, name="counting")
         chat = ChatStage(self.chat, self.metrics, budget=4096, send_text=False,
                          base_params=SamplingParams(max_new_tokens=256),
                          max_transcript_tokens=self.cfg.session.max_transcript_tokens)

@@ -36,6 +36,14 @@ def wire(h: SessionHarness, after: int = 0) -> list[str]:
     return out
 
 
+async def long_reply_playing(h: SessionHarness) -> dict:
+    """A spoken turn answered by a long reply, up to its first audio delta (returned)."""
+    h.chat.reply = LONG_REPLY
+    await h.silence(300)
+    await h.speak(1000)
+    return await h.until("response.output_audio.delta")
+
+
 def audio_ms(event: dict) -> float:
     return len(base64.b64decode(event["delta"])) / 2 / 24.0  # pcm16 at 24 kHz
 
@@ -131,10 +139,7 @@ async def test_a_speculation_is_dropped_when_the_user_resumes():
 
 async def test_barge_in_truncates_the_reply_to_the_audio_played():
     async with SessionHarness() as h:
-        h.chat.reply = LONG_REPLY
-        await h.silence(300)
-        await h.speak(1000)
-        first = await h.until("response.output_audio.delta")
+        first = await long_reply_playing(h)
         reply_id, item_id = first["response_id"], first["item_id"]
         await h.silence(400)
         mark = len(h.events)
@@ -209,10 +214,7 @@ async def test_manual_turns_commit_and_reply_on_request():
 async def test_a_client_that_disconnects_mid_reply_leaves_nothing_running(caplog):
     caplog.set_level(logging.WARNING)
     async with SessionHarness() as h:
-        h.chat.reply = LONG_REPLY
-        await h.silence(300)
-        await h.speak(1000)
-        await h.until("response.output_audio.delta")
+        await long_reply_playing(h)
         h.ws.disconnect()
         await h.idle(100)
         session = h.session
@@ -228,10 +230,7 @@ async def test_a_client_that_disconnects_mid_reply_leaves_nothing_running(caplog
 
 async def test_response_cancel_stops_the_reply_and_truncates_it():
     async with SessionHarness() as h:
-        h.chat.reply = LONG_REPLY
-        await h.silence(300)
-        await h.speak(1000)
-        first = await h.until("response.output_audio.delta")
+        first = await long_reply_playing(h)
         await h.silence(200)
         h.send({"type": "response.cancel", "event_id": "c1"})
         await h.silence(100)
