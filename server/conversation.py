@@ -107,7 +107,6 @@ class _Heard:
     applied: int = 0  # clauses (segments) already in the history
     attached: bool = False  # the reply is in the history
     attaching: bool = False
-    done: bool = False  # its response.done has reached the socket
     truncated_ms: float | None = None
 
 
@@ -430,7 +429,7 @@ class Conversation:
             return
         heard.attached = True
         self._remember(reply.item)
-        if heard.done:  # it finished before it could join: catch up at once
+        if reply.done_out.is_set():  # it finished before it could join: catch up at once
             self._finish_in_history(reply, heard)
         else:
             self._sync(reply, heard, partial=False)
@@ -450,10 +449,7 @@ class Conversation:
     def done_sent(self, reply: Reply) -> None:
         """The reply's ``response.done`` reached the socket: everything it sent is out."""
         heard = self._heard.get(reply.rid)
-        if heard is None:
-            return
-        heard.done = True
-        if heard.attached:
+        if heard is not None and heard.attached:
             self._finish_in_history(reply, heard)
 
     def cut(self, reply: Reply) -> None:

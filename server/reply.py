@@ -15,6 +15,11 @@ encoding) ends the reply with an ``error`` event and ``response.done`` (failed, 
 reason in ``status_details``). The chat model and the speech run side by side, and the first of
 them to fail stops the other: a chat backend that dies mid-reply must not leave the speech
 waiting for text that never comes.
+
+Each message of the reply carries a tag (:mod:`server.outbox`'s ``Sent*``) that comes back when
+the socket takes it (:meth:`Reply.on_sent`): the reply keeps its captions and first-audio time;
+the session tells the controller (playback) and the conversation (the clause sent, with its ms of
+audio), which keeps the history to what was actually heard.
 """
 
 from __future__ import annotations
@@ -56,10 +61,10 @@ from server.protocol import (
     new_id,
 )
 from server.waiting import first_of, side_by_side
-from server.workers import Prompt, Stages, Tokens, new_seed
+from server.workers import Prompt, SpeechStream, Stages, Tokens, new_seed
 from stepaudio.audio import StreamingResampler
 from stepaudio.errors import StepAudioError
-from stepaudio.llm.engine import FinishReason
+from stepaudio.llm.engine import FinishReason, Generation
 from stepaudio.tts.text import split_leading_tags
 
 if TYPE_CHECKING:
@@ -182,8 +187,8 @@ class Reply:
         if end_of_turn is not None:
             self.t.end_of_turn, self.t.silence_wait_ms = end_of_turn
         self.usage = Usage()
-        self._gen: Any = None
-        self._tts: Any = None
+        self._gen: Generation | None = None
+        self._tts: SpeechStream | None = None
         self._resampler: StreamingResampler | None = None
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"reply-{rid}")
 
@@ -279,16 +284,16 @@ class Reply:
             with _stage("chat model"):
                 params = st.chat.params(self.settings.temperature, self.settings.max_output_tokens)
                 self.t.llm_start = self.host.wall()
-                self._gen = st.chat.generate(self.prompt, params)
+                gen = self._gen = st.chat.generate(self.prompt, params)
             if self.settings.audio_output:
                 with _stage("speech synthesis"):
-                    self._tts = st.speech.open(self.settings.speaker, new_seed())
+                    tts = self._tts = st.speech.open(self.settings.speaker, new_seed())
                     if self.settings.tts_instruction:
-                        self._tts.push_text(self.settings.tts_instruction)
-                await side_by_side(self._pump_llm(), self._pump_audio())
+                        tts.push_text(self.settings.tts_instruction)
+                await side_by_side(self._pump_llm(gen, tts), self._pump_audio(tts))
             else:
-                await self._pump_llm()
-            reason = self._gen.finish_reason
+                await self._pump_llm(gen, None)
+            reason = gen.finish_reason
             self._finish("incomplete" if reason is FinishReason.LENGTH else "completed")
         except asyncio.CancelledError:
             if not self.finished:  # cancelled from outside without cancel(): the session closed
@@ -309,24 +314,23 @@ class Reply:
                     except BaseException:  # noqa: BLE001 - closing must not mask the outcome
                         pass
 
-    async def _pump_llm(self) -> None:
+    async def _pump_llm(self, gen: Generation, tts: SpeechStream | None) -> None:
         with _stage("chat model"):
-            await self._read_llm()
-        if self._tts is not None:
+            await self._read_llm(gen, tts)
+        if tts is not None:
             with _stage("speech synthesis"):
-                self._tts.end_text()
+                tts.end_text()
 
-    async def _read_llm(self) -> None:
-        gen = self._gen
+    async def _read_llm(self, gen: Generation, tts: SpeechStream | None) -> None:
         async for delta in gen:
             if delta.text:
                 if self.t.llm_first is None:
                     self.t.llm_first = self.host.wall()
                 self.text += delta.text
-                if self._tts is not None:
+                if tts is not None:
                     if self.t.tts_start is None:
                         self.t.tts_start = self.host.wall()
-                    self._tts.push_text(delta.text)
+                    tts.push_text(delta.text)
                 else:
                     if self.t.first_ready is None:
                         self.t.first_ready = self.host.wall()
@@ -335,11 +339,11 @@ class Reply:
         if gen.usage is not None:
             self.usage.output_text_tokens = gen.usage.completion_tokens
 
-    async def _pump_audio(self) -> None:
+    async def _pump_audio(self, stream: SpeechStream) -> None:
         st = self.host.stages
         fmt = self.settings.output_format
         clause = -1
-        tts = aiter(self._tts)
+        tts = aiter(stream)
         while True:
             with _stage("speech synthesis"):
                 try:
@@ -368,7 +372,7 @@ class Reply:
             if self.held is not None and self.held_audio_ms >= HOLD_LIMIT_MS:
                 await self._released.wait()
         self.t.tts_end = self.host.wall()
-        report = getattr(self._tts, "report", None)
+        report = getattr(stream, "report", None)
         if report is not None:
             self.usage.output_audio_tokens = int(getattr(report, "flow_tokens", 0))
 
