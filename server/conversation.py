@@ -307,12 +307,13 @@ class Conversation:
         await self._after_first_audio()
         async with self._asr_lock:
             try:
-                text = await self.host.stages.chat.transcribe(ids)
+                heard = await self.host.stages.chat.transcribe(ids)
             except Exception as err:
                 if self.host.config.transcription is not None:
                     self.host.emit(TranscriptionFailed(item_id=item_id, error=ProtocolError(
                         type="server_error", code="transcription_failed", message=str(err)[:300])))
                 return
+        text = self.context.transcript_text(heard.text, cut=heard.cut)
         if self.context.set_transcript(item_id, text):
             item = self.items.get(item_id)
             if item is not None and item.content:

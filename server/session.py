@@ -380,6 +380,12 @@ class Session:
         if not self.turn.is_open:
             return
         self.turn.set_limit(self.vad_settled_ms if self.vad_speaking else self.speech_end_ms)
+        if (not self.vad_speaking
+                and self.vad_analysed_ms - self.speech_end_ms >= self.config.stepaudio.pause_ms):
+            # The turn may end here: its final ids are computed now, while the silence runs (the
+            # speculative reply and the end of the turn read them). The end is named as the
+            # controller names it (whole clock ms), so that all three ask for the same audio.
+            self.turn.prepare(self.clock.audio_at(round(self.clock.at(self.speech_end_ms))))
 
     def _tick(self) -> None:
         if not self.closing:

@@ -75,6 +75,11 @@ class RepetitionRule:
     max_ratio: float = 0.1
 
 
+#: The request field (vLLM ``SamplingParams.extra_args``, sent as ``vllm_xargs``) that asks the
+#: TTS-3B server's logits processor (``stepaudio.tts.vllm_repetition``) for the rule: 1 on, 0 off.
+REPETITION_XARG = "stepaudio_repetition"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling; the defaults are the reference's ``generate`` call for Step-Audio-Chat.
@@ -82,8 +87,10 @@ class SamplingParams:
     ``top_k`` 50 is not in the reference's call but is what transformers' ``generate`` applies
     by default, and the checkpoints ship no ``generation_config.json`` that would change it.
     ``temperature`` 0 means greedy. ``seed`` makes one request reproducible on one engine.
-    ``logits_hook`` and ``repetition`` run in process only (transformers engine); the remote
-    engines refuse them rather than silently sampling differently.
+    ``logits_hook`` runs in process only (transformers engine). ``repetition`` runs in process
+    too, or is asked of a vLLM server that loaded ``stepaudio.tts.vllm_repetition`` (the openai
+    engine, vLLM dialect, with the rule's reference constants); other engines refuse both rather
+    than silently sampling differently.
     """
 
     temperature: float = SamplingDefaults.temperature
@@ -250,12 +257,14 @@ class Engine(Protocol):
 
 class EngineBase:
     """What every backend's ``generate`` does before its own work (:meth:`_start`): the
-    defaults, the prompt check, and refusing in-process Python hooks where they cannot run."""
+    defaults, the prompt check, and refusing what this backend cannot honour (:meth:`unsupported`,
+    and request options it does not take) rather than silently sampling differently."""
 
     name: str
     defaults: SamplingParams
-    #: Per-request Python logits hooks and repetition rules run here (in process only).
-    runs_python_hooks: bool = False
+    #: ``generate``'s keyword options beyond the sampling parameters that this backend takes
+    #: (handed on to :meth:`_start`); any other is refused.
+    request_options: frozenset[str] = frozenset()
 
     def generate(
         self,
@@ -263,22 +272,29 @@ class EngineBase:
         params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
+        **options: Any,
     ) -> Generation:
         """Start one request. Raises :class:`EngineError` at once for a prompt no backend can
-        run and :class:`EngineUnsupported` for hooks this backend cannot run (it must not
-        silently sample differently); later failures arrive through the iterator."""
+        run, :class:`EngineUnsupported` for what this backend cannot do; later failures arrive
+        through the iterator."""
         params = params or self.defaults
-        if not self.runs_python_hooks and (
-            params.logits_hook is not None or params.repetition is not None
-        ):
-            raise EngineUnsupported(
-                f"the {self.name} engine cannot run per-request Python logits hooks or "
-                "repetition rules; use the transformers engine for that request"
-            )
-        return self._start(check_prompt(prompt), params, request_id or new_request_id())
+        problem = self.unsupported(params) or next(
+            (f"the {self.name} engine takes no {k!r} option" for k in options
+             if k not in self.request_options), None)
+        if problem is not None:
+            raise EngineUnsupported(problem)
+        return self._start(check_prompt(prompt), params, request_id or new_request_id(), **options)
 
-    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str
-               ) -> Generation:  # pragma: no cover - interface
+    def unsupported(self, params: SamplingParams) -> str | None:
+        """Why this backend cannot honour ``params`` (None: it can). By default: per-request
+        Python code (logits hooks, the repetition rule) runs only in process."""
+        if params.logits_hook is not None or params.repetition is not None:
+            return (f"the {self.name} engine cannot run per-request Python logits hooks or "
+                    "repetition rules; use the transformers engine for that request")
+        return None
+
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               **options: Any) -> Generation:  # pragma: no cover - interface
         raise NotImplementedError
 
 

@@ -140,8 +140,8 @@ class VLLMEngine(EngineBase):
         return cls(llm, load_text_tokenizer(folder), kwargs["max_model_len"],
                    SamplingParams.from_config(cfg))
 
-    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str
-               ) -> Generation:
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               **options: Any) -> Generation:
         return _VLLMGeneration(self, prompt, params, request_id)
 
     async def aclose(self) -> None:

@@ -25,6 +25,8 @@ ATTENTION_BACKEND = "TRITON_ATTN"
 #: The released config.json has no tie_word_embeddings key (so True by default) but the checkpoints
 #: hold their own lm_head.weight; tying would replace it by the embeddings.
 HF_OVERRIDES = {"tie_word_embeddings": False}
+#: The TTS-3B repetition rule as a Model Runner V2 logits processor (vLLM 0.33's default runner).
+TTS_LOGITS_PROCESSOR = "stepaudio.tts.vllm_repetition:RepetitionAwareV2"
 CHAT_SERVED_NAME = "step-audio-chat"
 TTS_SERVED_NAME = "step-audio-tts-3b"
 INSTALL_HINT = "pip install 'stepaudio-realtime[vllm]'"
@@ -95,6 +97,7 @@ class ServeSpec:
     host: str = "127.0.0.1"
     gpu_memory_utilization: float | None = None
     generation_defaults: dict[str, Any] | None = None
+    logits_processors: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         args = [
@@ -111,6 +114,8 @@ class ServeSpec:
             args += ["--override-generation-config", json.dumps(self.generation_defaults)]
         if self.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
+        if self.logits_processors:
+            args += ["--logits-processors", *self.logits_processors]
         args += ["--host", self.host, "--port", str(self.port)]
         return args
 
@@ -174,7 +179,9 @@ def tts_spec(
     """Step-Audio-TTS-3B on one GPU, leaving room on it for the flow, vocoder and tokenizer.
 
     8192 is the reference's ``max_length`` for TTS generation (prompt included). The reference
-    samples with temperature 0.7 and transformers' default top_k 50, no top_p.
+    samples with temperature 0.7 and transformers' default top_k 50, no top_p, and always with
+    its repetition rule: the server loads it as a logits processor (stepaudio must be importable
+    in vLLM's environment), and our client asks for it with every request.
     """
     return ServeSpec(
         model_dir=Path(models_dir) / "Step-Audio-TTS-3B",
@@ -185,4 +192,5 @@ def tts_spec(
         host=host,
         gpu_memory_utilization=gpu_memory_utilization,
         generation_defaults={"temperature": 0.7, "top_k": 50},
+        logits_processors=(TTS_LOGITS_PROCESSOR,),
     )
