@@ -55,9 +55,11 @@ def test_client_holds_a_voice_turn(served, tmp_path):  # noqa: F811
 
 
 def test_client_barge_in_truncates_to_what_was_played(served, tmp_path):  # noqa: F811
-    # The second file starts 300 ms into the first reply: the user talks over the bot.
+    # The second file starts 300 ms into the first reply: the user talks over the bot. The tiny
+    # TTS-3B ends a clause after a random number of tokens (its seed is new for every reply),
+    # so the reply gets enough text that its audio outlasts the 300 ms + the barge-in minimum.
     r = run_client(str(SPEECH), str(SPEECH), "--url", served.url, "--api-key", API_KEY,
-                   "--interrupt-after", "300", "--max-output-tokens", "24", "--speed", "2")
+                   "--interrupt-after", "300", "--max-output-tokens", "48", "--speed", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     text = r.stdout
     assert "[barge-in] playback flushed after" in text
