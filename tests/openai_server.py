@@ -5,7 +5,9 @@ only and answers 422 to vLLM's extra fields (``stop_token_ids``, ``return_token_
 request shape our engine sends to vLLM could not be exercised against it. This server speaks that
 shape over real HTTP on loopback, generating with our transformers engine on a tiny checkpoint,
 and ends streams with ``data: [DONE]`` as vLLM does. ``/stats`` reports the model's forward calls
-so tests can see that closing a stream stops generation on the server.
+so tests can see that closing a stream stops generation on the server, and every finished request
+(its prompt ids, and how many of them the engine's prefix cache served: the usage carries that as
+``prompt_tokens_details.cached_tokens``, as ``vllm serve --enable-prompt-tokens-details`` does).
 
 It also fails on request, the ways a real backend fails mid-reply (a vLLM restart, a proxy timing
 out, an overloaded GPU): ``POST /fault`` with ``{"mode": ..., "after": N, "requests": K,
@@ -49,6 +51,7 @@ from stepaudio.llm.engine_transformers import TransformersEngine  # noqa: E402
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 FAULTS = ("none", "hang", "close", "reset", "garbage", "error500", "http500")
 KEEPALIVE_S = 0.2
+MAX_LOG = 500
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Server:
         self.fault = Fault()
         self.release = asyncio.Event()
         self.faults_done = 0
+        self.finished: list[dict] = []  # the last MAX_LOG finished requests
 
     def _next_fault(self) -> Fault:
         """The fault for a new stream (and one fewer left to apply)."""
@@ -117,6 +121,7 @@ class Server:
                 writer.write(_json_response(200, {
                     "forward_calls": self.engine.forward_calls,
                     "active": self.engine.active_requests,
+                    "requests": self.finished,
                 }))
             elif method == "POST" and path == "/fault":
                 try:
@@ -204,12 +209,19 @@ class Server:
                 await self._fail(fault, writer, watcher)
                 return
             usage = gen.usage if fault.text is None else None
+            if usage is not None:
+                self.finished = self.finished[-(MAX_LOG - 1):] + [{
+                    "prompt": req["prompt"], "prompt_tokens": usage.prompt_tokens,
+                    "cached_tokens": usage.cached_prompt_tokens,
+                    "completion_tokens": usage.completion_tokens}]
             if usage is not None and (req.get("stream_options") or {}).get("include_usage"):
                 chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
                          "model": self.served_name, "choices": [],
                          "usage": {"prompt_tokens": usage.prompt_tokens,
                                    "completion_tokens": usage.completion_tokens,
-                                   "total_tokens": usage.total_tokens}}
+                                   "total_tokens": usage.total_tokens,
+                                   "prompt_tokens_details": {
+                                       "cached_tokens": usage.cached_prompt_tokens}}}
                 writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if self.send_done:
                 writer.write(b"data: [DONE]\n\n")
