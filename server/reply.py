@@ -47,6 +47,7 @@ from server.protocol import (
     Response,
     ResponseDone,
     ServerEvent,
+    SessionConfig,
     TextDelta,
     TextDone,
     Usage,
@@ -56,6 +57,7 @@ from server.workers import Prompt, Stages, Tokens, new_seed
 from stepaudio.audio import StreamingResampler
 from stepaudio.errors import StepAudioError
 from stepaudio.llm.engine import FinishReason
+from stepaudio.llm.pool import CONVERSATION
 from stepaudio.tts.text import split_leading_tags
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ class ReplyHost(Protocol):
     """What a reply needs from its session."""
 
     stages: Stages
+    config: SessionConfig
 
     def emit(self, event: ServerEvent, *, reply: Reply | None = None, audio_ms: float = 0.0,
              meta: Any = None) -> None: ...
@@ -280,6 +283,9 @@ class Reply:
 
     async def _run(self) -> None:
         st = self.host.stages
+        # Every model request of this reply (chat, speech) goes to its conversation's replica
+        # of a pool, whose prefix cache holds the conversation so far (stepaudio.llm.pool).
+        CONVERSATION.set(self.host.config.id)
         try:
             pending: list[int] | None = None
             if self.tokens_future is not None:
