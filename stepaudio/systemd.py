@@ -14,6 +14,7 @@ example paths below, which a test keeps in step with this code.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import socket
@@ -122,7 +123,7 @@ class UnitSettings:
     vllm_exe: Path | None = None
     vllm: list[VllmUnit] = field(default_factory=list)
     wants: list[str] = field(default_factory=list)  # vLLM units the server talks to
-    shutdown_grace_s: float = 2.0
+    shutdown_grace_s: float = 30.0
     extra_paths: tuple[Path, ...] = ()  # models, source tree: decides ProtectHome
 
     def protect_home(self) -> str:
@@ -139,6 +140,12 @@ class UnitSettings:
             return [f"CacheDirectory={self.cache.name}{suffix}"]
         sub = self.cache if unit == "stepaudio" else self.cache / unit
         return [f"ReadWritePaths={sub}"]
+
+
+def stop_timeout_s(grace_s: float) -> int:
+    """systemd's TimeoutStopSec for a server draining for ``grace_s``: the grace, the last
+    events' flush and unloading (20 s), before systemd resorts to SIGKILL."""
+    return math.ceil(grace_s) + 20
 
 
 HARDENING = """\
@@ -182,8 +189,11 @@ def render_server_unit(s: UnitSettings) -> str:
         "",
         "[Service]",
         "# Ready (READY=1 on $NOTIFY_SOCKET) once every model is loaded and warmed up, the moment",
-        "# /readyz turns 200. SIGTERM stops accepting, ends the turns in progress and closes every",
-        "# socket with 1001 within server.shutdown_grace_s.",
+        "# /readyz turns 200. SIGTERM drains: new sessions get HTTP 503 (and /readyz 503, so a",
+        "# balancer sends them elsewhere), each session may finish its turn in flight for up to",
+        f"# server.shutdown_grace_s ({s.shutdown_grace_s:g} s), then closes with 1001. The stop "
+        "timeout covers",
+        "# that grace plus 20 s for the last events and unloading; a second SIGTERM skips the wait.",
         "Type=notify",
         "NotifyAccess=main",
         f"User={s.user}",
@@ -199,7 +209,7 @@ def render_server_unit(s: UnitSettings) -> str:
         "RestartSec=5",
         "# Loading and warming up the real checkpoints takes minutes; the tiny ones seconds.",
         "TimeoutStartSec=900",
-        f"TimeoutStopSec={int(s.shutdown_grace_s) + 20}",
+        f"TimeoutStopSec={stop_timeout_s(s.shutdown_grace_s)}",
         "KillMode=mixed",
         HARDENING.format(protect_home=s.protect_home()).rstrip("\n"),
         "",
