@@ -374,7 +374,8 @@ class OpenAIEngine:
 
     async def _open(self, body: dict[str, Any], request_id: str, conversation: str | None
                     ) -> tuple[httpx.Response, Endpoint]:
-        """POST to the conversation's endpoint and return the open stream.
+        """POST to the conversation's endpoint and return the open stream (the endpoint counts
+        it in flight until the generation closes it).
 
         A refused connection never reached the server, so it is safe to repeat: the request
         moves to the next endpoint at once, and when every endpoint has refused it, the round
@@ -388,10 +389,11 @@ class OpenAIEngine:
             ep = self.pool.choose(conversation, exclude=tried)
             request = client.build_request("POST", f"{ep.url}/completions", json=body,
                                            headers=headers)
+            ep.in_flight += 1  # from the choice on, so requests chosen together spread out
             try:
                 response = await client.send(request, stream=True)
-                break
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                ep.in_flight -= 1
                 self.pool.mark_down(ep, f"connection failed: {exc or type(exc).__name__}")
                 tried.add(ep.url)
                 if len(tried) < len(self.pool):
@@ -406,15 +408,23 @@ class OpenAIEngine:
                 await asyncio.sleep(self.retry_backoff_s * 2**rounds)
                 rounds += 1
                 tried.clear()
+                continue
             except httpx.TimeoutException as exc:
+                ep.in_flight -= 1
                 message = f"LLM backend at {ep.url} did not answer within {self.read_timeout_s:g} s"
                 self.pool.mark_down(ep, message)
                 raise EngineTimeout(message) from exc
             except httpx.HTTPError as exc:
+                ep.in_flight -= 1
                 raise EngineUnavailable(
                     f"LLM backend at {ep.url} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            except BaseException:  # cancelled while connecting
+                ep.in_flight -= 1
+                raise
+            break
         if response.status_code != 200:
+            ep.in_flight -= 1
             try:
                 raw = (await response.aread()).decode("utf-8", "replace")
             except httpx.HTTPError:
@@ -432,7 +442,6 @@ class OpenAIEngine:
             raise EngineError(f"LLM backend answered HTTP {response.status_code}: {detail}")
         self.pool.mark_up(ep)
         ep.requests += 1
-        ep.in_flight += 1
         return response, ep
 
     async def aclose(self) -> None:
