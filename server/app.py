@@ -349,13 +349,22 @@ class Server:
 
 def turn_in_flight(session: Session) -> bool:
     """Whether a drain should wait for this session: the user is mid-turn, or a reply the client
-    knows of is still being generated, queued for sending, or (by the controller's playback
-    clock) still playing."""
+    knows of is still being generated, queued for sending, or still playing at the client (by
+    wall time since its first audio went out: the client plays on as the server sends)."""
     if session.closing or session.outbox.closed:
         return False
-    if session.controller.state != "silence" or session.outbox.bytes:
+    if session.controller.state in ("user_speaking", "user_paused") or session.outbox.bytes:
         return True
-    return any(r.committed and not r.finished for r in session.replies.values())
+    now = time.perf_counter()
+    for r in session.replies.values():
+        if not r.committed or r.status == "cancelled":
+            continue
+        if not r.finished:
+            return True
+        if r.t.first_sent is not None and now < r.t.first_sent + sum(
+                c[2] for c in r.sent_clauses) / 1000.0:
+            return True
+    return False
 
 
 def model_pools(stages: Stages | None) -> dict[str, Any]:
