@@ -443,6 +443,7 @@ def run_server(cfg: Config, models_root: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per model request
     loop = _use_uvloop(cfg.server.event_loop)
     log.info("event loop: %s", loop)
     return asyncio.run(_serve(cfg, Path(models_root)))

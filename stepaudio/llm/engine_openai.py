@@ -229,6 +229,9 @@ class _HTTPGeneration(StreamedGeneration):
             endpoint.prompt_tokens += final_usage.prompt_tokens
             endpoint.cached_tokens += final_usage.cached_prompt_tokens
             yield Delta(text=tail, finish_reason=finish, usage=final_usage)
+        except EngineProtocolError as exc:  # cut short, or not an event stream: not serving
+            pool.mark_down(endpoint, str(exc))
+            raise
         except httpx.TimeoutException as exc:
             message = f"LLM backend at {endpoint.url} sent nothing for {engine.read_timeout_s:g} s"
             pool.mark_down(endpoint, message)
