@@ -5,9 +5,10 @@ only and answers 422 to vLLM's extra fields (``stop_token_ids``, ``return_token_
 request shape our engine sends to vLLM could not be exercised against it. This server speaks that
 shape over real HTTP on loopback, generating with our transformers engine on a tiny checkpoint,
 and ends streams with ``data: [DONE]`` as vLLM does. ``/stats`` reports the model's forward calls
-so tests can see that closing a stream stops generation on the server, and every finished request
-(its prompt ids, and how many of them the engine's prefix cache served: the usage carries that as
-``prompt_tokens_details.cached_tokens``, as ``vllm serve --enable-prompt-tokens-details`` does).
+so tests can see that closing a stream stops generation on the server, and every request (its
+prompt, the ids it sent back, and how many prompt tokens the engine's prefix cache served, which the
+usage also carries as ``prompt_tokens_details.cached_tokens``, as ``vllm serve
+--enable-prompt-tokens-details`` does; a request cancelled before its end has no count).
 
 It also fails on request, the ways a real backend fails mid-reply (a vLLM restart, a proxy timing
 out, an overloaded GPU): ``POST /fault`` with ``{"mode": ..., "after": N, "requests": K,
@@ -100,7 +101,14 @@ class Server:
         self.fault = Fault()
         self.release = asyncio.Event()
         self.faults_done = 0
-        self.finished: list[dict] = []  # the last MAX_LOG finished requests
+        self.log: list[dict] = []  # the last MAX_LOG requests
+
+    def _prefix_counters(self) -> dict:
+        """The fast decoder's own totals of prompt tokens copied and computed (when it runs)."""
+        decoder = getattr(getattr(self.engine, "_steps", None), "decoder", None)
+        if decoder is None:
+            return {}
+        return {"prefix_hits": decoder.prefix_hits, "prefix_misses": decoder.prefix_misses}
 
     def _next_fault(self) -> Fault:
         """The fault for a new stream (and one fewer left to apply)."""
@@ -121,7 +129,8 @@ class Server:
                 writer.write(_json_response(200, {
                     "forward_calls": self.engine.forward_calls,
                     "active": self.engine.active_requests,
-                    "requests": self.finished,
+                    "requests": self.log,
+                    **self._prefix_counters(),
                 }))
             elif method == "POST" and path == "/fault":
                 try:
@@ -171,6 +180,8 @@ class Server:
             writer.write(_json_response(400, {"error": {"message": str(exc)}}))
             return
         fault = self._next_fault()
+        record: dict = {"prompt": req["prompt"], "output": [], "cached_tokens": None}
+        self.log = self.log[-(MAX_LOG - 1):] + [record]
         if fault.mode == "http500":
             await gen.aclose()
             self.faults_done += 1
@@ -199,6 +210,7 @@ class Server:
                     ids = list(delta.token_ids) + list(stop_ids)  # vLLM returns the stop id
                 else:
                     ids = list(delta.token_ids)
+                record["output"] += list(delta.token_ids)
                 if with_ids:
                     choice["token_ids"] = ids
                 chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
@@ -210,10 +222,7 @@ class Server:
                 return
             usage = gen.usage if fault.text is None else None
             if usage is not None:
-                self.finished = self.finished[-(MAX_LOG - 1):] + [{
-                    "prompt": req["prompt"], "prompt_tokens": usage.prompt_tokens,
-                    "cached_tokens": usage.cached_prompt_tokens,
-                    "completion_tokens": usage.completion_tokens}]
+                record["cached_tokens"] = usage.cached_prompt_tokens
             if usage is not None and (req.get("stream_options") or {}).get("include_usage"):
                 chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
                          "model": self.served_name, "choices": [],
