@@ -232,7 +232,9 @@ class LLMConfig(_Section):
         None,
         ge=16,
         description="Most tokens a prompt may use; the oldest text history is dropped to fit, the "
-        "newest audio turn never. None: max_model_len minus max_new_tokens.",
+        "newest audio turn never. Dropping goes in steps of about a quarter of this, at points "
+        "fixed by the conversation's beginning, so most turns extend the previous prompt (which "
+        "vLLM's prefix cache then serves). None: max_model_len minus max_new_tokens.",
     )
     prefill_chunk_tokens: int = Field(
         512,

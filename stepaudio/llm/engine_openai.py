@@ -10,9 +10,9 @@ times with backoff (the request has not reached the server, so a retry cannot du
 timeout, a reset mid-stream, an HTTP error or a body that is not an OpenAI stream raises one of our
 :class:`EngineError` types with a one-line message, which ends that response only. With a pool, a
 refused connection moves the request to the next endpoint at once (nothing reached the first), and
-an endpoint that refused, dropped a stream or timed out is taken out for the requests that follow. Streams are
-accepted with or without the final ``data: [DONE]`` (vLLM sends it, ``transformers serve`` does
-not). Closing a generation closes its connection, which is how vLLM learns to abort the request.
+an endpoint that refused, cut a stream short or timed out is taken out for the requests that
+follow. Streams are accepted with or without the final ``data: [DONE]`` (vLLM sends it,
+``transformers serve`` does not). Closing a generation closes its connection, which is how vLLM learns to abort the request.
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """Several OpenAI-compatible endpoints serving one model, and which one gets each request.
 
-Why sticky: vLLM keeps the keys and values of recent prompts (its prefix cache), and the prompt of a
-conversation's next turn starts with what the previous one held. Sending every request of one
-conversation to the same replica lets that replica skip the prefill of the history; spreading them
-would make each replica compute it again. The conversation is named by a context variable,
-:data:`CONVERSATION`, which the server sets for each reply (the reply's requests, chat and TTS, run in
-its task and see it). Rendezvous hashing of that name over the endpoints that are up picks one, so
-an endpoint going down moves only its own conversations, and its return moves them home again.
+Why sticky: vLLM keeps the keys and values of recent prompts (its prefix cache), and the prompt of
+a conversation's next turn starts with what the previous one held. Sending every request of one
+conversation to the same replica lets that replica skip the prefill of the history; spreading
+them would make each replica compute it again. The conversation is named by a context variable,
+:data:`CONVERSATION`, which the server sets for each reply (the reply's requests, chat and TTS,
+run in its task and see it). Rendezvous hashing of that name over the endpoints that are up picks
+one, so an endpoint going down moves only its own conversations, and its return moves them home.
 
-Why health: an endpoint that refuses connections, drops a stream or fails its health check is taken
-out at once: its conversations go elsewhere from their next request, and the request that saw the
-failure fails cleanly, as it would with one endpoint. A background probe (``GET`` of the health path,
-vLLM's ``/health``) puts it back when it answers 200 again, and takes out an idle one that stopped
-answering. With every endpoint out, requests still try them all (a stale verdict must not refuse
-service). Requests of no conversation (background transcriptions, the warm-up) go to the endpoint
-with the fewest requests in flight.
+Why health: an endpoint that refuses connections, cuts a stream short or fails its health check
+is taken out at once: its conversations go elsewhere from their next request, and the request
+that saw the failure fails cleanly, as it would with one endpoint. A background probe (``GET`` of
+the health path, vLLM's ``/health``) puts it back when it answers 200 again, and takes out an idle
+one that stopped answering. With every endpoint out, requests still try them all (a stale
+verdict must not refuse service). Requests of no conversation (background transcriptions, the
+warm-up) go to the endpoint with the fewest requests in flight.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class EndpointPool:
             if len(self.endpoints) > 1:
                 log.info("endpoint %s back in service", ep.url)
 
-    # -- health checks ------------------------------------------------------------------------------
+    # -- health checks ----------------------------------------------------------------------------
 
     async def check(self, client: httpx.AsyncClient) -> None:
         """Probe every endpoint once (concurrently): 2xx puts it in service, anything else
