@@ -14,7 +14,10 @@ ways:
   blocks, at most all but one token of the prompt;
 - per turn: the committed reply's prompt, how much of it extends the previous reply's prompt.
 
-    PYTHONPATH=. python bench/prefix_cache.py [--turns 10] [--budget TOKENS]
+    PYTHONPATH=. python bench/prefix_cache.py [--turns 10] [--budget TOKENS] [--minimal-cuts]
+
+``--minimal-cuts`` cuts the history by as little as fits, one exchange a turn once the window is
+full (what the server did before the cuts went in fixed steps), for comparison.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from realtime_helpers import RATE, RealtimeClient, server_config, silence  # noq
 
 from server.app import Server  # noqa: E402
 from stepaudio.audio import load_audio, resample  # noqa: E402
+from stepaudio.llm import budget as budget_module  # noqa: E402
 from stepaudio.llm.prompt import ASR_SYSTEM_PROMPT  # noqa: E402
 from stepaudio.llm.tokenizer import load_text_tokenizer  # noqa: E402
 from stepaudio.tiny import ensure_tiny_models  # noqa: E402
@@ -144,8 +148,12 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--budget", type=int, default=None,
                     help="llm.context_budget_tokens (small: the history must be cut to fit)")
+    ap.add_argument("--minimal-cuts", action="store_true",
+                    help="cut the history by as little as fits (the old way), for comparison")
     args = ap.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.minimal_cuts:
+        budget_module.CUT_STEPS = 10**9  # a step of one token: every exchange is a cut point
     with tempfile.TemporaryDirectory() as tmp:
         root = ensure_tiny_models(Path(tmp) / "tiny")
         t0 = time.perf_counter()
@@ -155,8 +163,9 @@ def main() -> int:
         out = report(stats, load_text_tokenizer(root / "Step-Audio-Chat"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    cuts = "minimal cuts" if args.minimal_cuts else f"cuts in steps of budget/{budget_module.CUT_STEPS}"
     print(f"machine: {platform.node()}, commit {commit}, {args.turns} turns, budget "
-          f"{args.budget or 'default'}, {time.perf_counter() - t0:.0f} s")
+          f"{args.budget or 'default'} ({cuts}), {time.perf_counter() - t0:.0f} s")
     print("| # | request | prompt tokens | engine cache hit | vLLM-model hit | "
           "shared with the previous reply's prompt |")
     print("|---|---|---|---|---|---|")
