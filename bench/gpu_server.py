@@ -115,6 +115,21 @@ def _vocoder_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def vocoder_rounds(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """This run's vocoder rounds from two /metrics readings: count, flow rows per round, ms
+    per round and of it ms in batched model calls."""
+    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    rounds = d.get("stepaudio_vocoder_round_seconds_count", 0.0)
+    if not rounds:
+        return {}
+    return {"rounds": rounds,
+            "rows_per_flow_call": round(d.get("stepaudio_vocoder_rows_sum", 0.0)
+                                        / max(1.0, d.get("stepaudio_vocoder_rows_count", 0.0)), 2),
+            "round_ms": round(1000 * d.get("stepaudio_vocoder_round_seconds_sum", 0.0) / rounds, 1),
+            "batch_ms": round(1000 * d.get("stepaudio_vocoder_batch_seconds_total", 0.0) / rounds,
+                              1)}
+
+
 def _f(v: Any, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -182,11 +197,15 @@ def main() -> int:
                 "turns": args.turns, "gap_s": args.gap_secs, "wav": Path(args.wav).name}
         (out / "info.json").write_text(json.dumps(info, indent=1))
         print(HEAD, flush=True)
+        before: dict[str, float] = {}
         for n in [int(x) for x in args.sessions.split(",")]:
             r = one_n(url, server.base, server.proc.pid, plan, n, args.seed, gpu, session)
+            r["vocoder"] = vocoder_rounds(before, r["metrics_tail"])
+            before = r["metrics_tail"]
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(row(r), flush=True)
+            print(f"  vocoder: {r['vocoder']}", flush=True)
             p0 = r["playback"]["prebuffer_0ms"]
             if p0["replies"] and p0["replies_with_underrun"] / p0["replies"] >= args.stop_share:
                 print(f"stopping: {p0['replies_with_underrun']}/{p0['replies']} replies had a "

@@ -1,11 +1,17 @@
-"""Tokenizer lag benchmark (not a test): end of speech -> final ids, streaming vs offline.
+"""Tokenizer benchmark (not a test): end of speech -> the final (reference-exact) ids.
 
-For utterances of 2, 5, 10 and 20 s of real speech (the Apache-2.0 recordings in tests/fixtures,
-concatenated), sent as 24 kHz int16 in 100 ms chunks as a client would:
-- offline lag: the whole utterance is tokenized after its last chunk arrives (the reference's way);
-- streaming lag: chunks are tokenized as they arrive; the lag is the time to take the last chunk
-  and `finish()` the stream.
-Also reported: the streaming compute per second of audio (must stay well under 1 to keep up).
+For utterances of 2, 5, 10, 20 and 35 s of real speech (the Apache-2.0 recordings in
+tests/fixtures, concatenated), and for one recording whose loudest sample comes at 94 % of its
+length (the worst case for the incremental work), sent as 24 kHz int16 in 100 ms chunks as a client
+would:
+- offline lag: the whole utterance tokenized after its last chunk (the reference's way);
+- pause lag: the last chunk plus ``snapshot()``, every earlier chunk having been fed as it arrived
+  (what the server's speculative reply waits for at the user's pause);
+- commit lag: ``finish()`` after that snapshot (the end of the turn; the codes are cached);
+- compute per audio second, and the share of the audio re-encoded because the peak rose;
+  times are this thread's CPU time (all the work runs in the calling thread with one intra-op
+  thread), so other load on a shared machine does not inflate them;
+- final ids = offline: the share of final ids equal to the offline ids (must be 100 %).
 
     python bench/tokenizer.py [--models DIR] [--repeats 5]
 """
@@ -49,35 +55,39 @@ def speech(seconds: float) -> np.ndarray:
 
 
 def offline_lag(tok: StepAudioTokenizer, pcm: np.ndarray) -> float:
-    t = time.perf_counter()
+    t = time.thread_time()
     tok.tokenize(pcm, SR)
-    return time.perf_counter() - t
+    return time.thread_time() - t
 
 
-def agreement(tok: StepAudioTokenizer, pcm: np.ndarray) -> float:
-    """Share of final streaming ids equal to the offline ids (running-peak normalisation)."""
-    off = tok.tokenize(pcm, SR).ids
-    stream = tok.open_stream()
-    ids: list[int] = []
-    for i in range(0, len(pcm), CHUNK):
-        ids += stream.feed(pcm[i : i + CHUNK], SR)
-    ids += stream.finish()
-    n = min(len(ids), len(off))
-    return sum(a == b for a, b in zip(ids[:n], off[:n], strict=True)) / max(len(off), 1)
+def late_peak() -> np.ndarray:
+    """speed_control2.wav: its loudest sample comes at 94 % of its length."""
+    wav, sr = load_audio(REPO / "tests" / "fixtures" / "audio" / "speed_control2.wav")
+    return np.round(resample(wav, sr, SR) * 32767).astype(np.int16)
 
 
-def streaming_lag(tok: StepAudioTokenizer, pcm: np.ndarray) -> tuple[float, float]:
-    stream = tok.open_stream()
+def stream_run(tok: StepAudioTokenizer, pcm: np.ndarray) -> dict[str, float]:
+    stream = tok.open_stream(provisional=False)
     chunks = [pcm[i : i + CHUNK] for i in range(0, len(pcm), CHUNK)]
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for c in chunks[:-1]:
         stream.feed(c, SR)
-    busy = time.perf_counter() - t0
-    t = time.perf_counter()
+    busy = time.thread_time() - t0
+    t = time.thread_time()
     stream.feed(chunks[-1], SR)
-    stream.finish()
-    lag = time.perf_counter() - t
-    return lag, (busy + lag) / (len(pcm) / SR)
+    snap = stream.snapshot()
+    pause = time.thread_time() - t
+    t = time.thread_time()
+    final = stream.finish()
+    commit = time.thread_time() - t
+    assert final == snap
+    off = tok.tokenize(pcm, SR).ids
+    same = sum(a == b for a, b in zip(final, off, strict=False)) / max(len(off), 1)
+    if len(final) != len(off):
+        same = 0.0
+    return {"pause": pause, "commit": commit, "rtf": (busy + pause + commit) / (len(pcm) / SR),
+            "reencoded": stream.exact.reencoded / max(stream.samples_16k, 1),
+            "restarts": stream.exact.restarts, "same": same}
 
 
 def main() -> None:
@@ -98,19 +108,18 @@ def main() -> None:
     tok.tokenize(speech(1.0), SR)  # warm-up
     print(f"# tokenizer lag, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, median of {args.repeats}")
-    print("| utterance | offline lag (ms) | streaming lag (ms) | ratio | streaming compute / audio s "
-          "| streaming ids = offline |")
-    print("|---|---|---|---|---|---|")
-    for seconds in (2, 5, 10, 20):
-        pcm = speech(seconds)
+    print("| utterance | offline lag (ms) | pause lag (ms) | commit lag (ms) | compute / audio s "
+          "| peak rises (re-encoded audio) | final ids = offline |")
+    print("|---|---|---|---|---|---|---|")
+    cases = [(f"{s} s", speech(s)) for s in (2, 5, 10, 20, 35)]
+    cases.append(("6 s, peak at 94 %", late_peak()))
+    for name, pcm in cases:
         off = [offline_lag(tok, pcm) for _ in range(args.repeats)]
-        st = [streaming_lag(tok, pcm) for _ in range(args.repeats)]
-        o = statistics.median(off)
-        s = statistics.median(x[0] for x in st)
-        rtf = statistics.median(x[1] for x in st)
-        agree = agreement(tok, pcm)
-        print(f"| {seconds} s | {o * 1000:.1f} | {s * 1000:.1f} | {s / o:.3f} | {rtf:.3f} "
-              f"| {agree:.1%} |")
+        runs = [stream_run(tok, pcm) for _ in range(args.repeats)]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(f"| {name} | {statistics.median(off) * 1000:.1f} | {med['pause'] * 1000:.1f} "
+              f"| {med['commit'] * 1000:.2f} | {med['rtf']:.3f} "
+              f"| {med['restarts']:.0f} ({med['reencoded']:.0%}) | {min(r['same'] for r in runs):.1%} |")
 
 
 if __name__ == "__main__":

@@ -36,99 +36,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from stepaudio.random_models import COSYVOICE_SIZES, COSYVOICE_YAML  # noqa: E402
 from stepaudio.tts.cuda_graphs import GraphedDecode, GraphedEncoder, GraphedSolver  # noqa: E402
 from stepaudio.tts.speakers import SpeakerFeatures  # noqa: E402
 from stepaudio.tts.streaming import StreamingToken2Wav, StreamOptions  # noqa: E402
 from stepaudio.tts.yaml_config import load_cosyvoice_yaml  # noqa: E402
 
-REAL = dict(d=512, heads=8, units=2048, blocks=6, ch=256, head_dim=64, n_blocks=4, mid=12, eheads=8,
-            hift=512, f0=512, ratios="[1, 1, 1, 1]")
-SMALL = dict(d=32, heads=2, units=64, blocks=2, ch=32, head_dim=16, n_blocks=1, mid=2, eheads=2,
-             hift=32, f0=32, ratios="[1, 1]")
-
-YAML = """\
-sample_rate: 22050
-flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec
-    input_size: {d}
-    output_size: 80
-    spk_embed_dim: 192
-    output_type: 'mel'
-    vocab_size: 5120
-    input_frame_rate: 41.666666666666664
-    only_mask_loss: True
-    encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder
-        output_size: {d}
-        attention_heads: {heads}
-        linear_units: {units}
-        num_blocks: {blocks}
-        dropout_rate: 0.1
-        positional_dropout_rate: 0.1
-        attention_dropout_rate: 0.1
-        normalize_before: True
-        input_layer: 'linear'
-        pos_enc_layer_type: 'rel_pos_espnet'
-        selfattention_layer_type: 'rel_selfattn'
-        input_size: {d}
-        use_cnn_module: False
-        macaron_style: False
-    length_regulator: !new:cosyvoice.flow.length_regulator.InterpolateRegulator
-        channels: 80
-        sampling_ratios: {ratios}
-    decoder: !new:cosyvoice.flow.flow_matching.ConditionalCFM
-        in_channels: 240
-        n_spks: 1
-        spk_emb_dim: 80
-        cfm_params: !new:omegaconf.DictConfig
-            content:
-                sigma_min: 1e-06
-                solver: 'euler'
-                t_scheduler: 'cosine'
-                training_cfg_rate: 0.2
-                inference_cfg_rate: 0.7
-                reg_loss_type: 'l1'
-        estimator: !new:cosyvoice.flow.decoder.ConditionalDecoder
-            in_channels: 320
-            out_channels: 80
-            channels: [{ch}, {ch}]
-            dropout: 0.0
-            attention_head_dim: {head_dim}
-            n_blocks: {n_blocks}
-            num_mid_blocks: {mid}
-            num_heads: {eheads}
-            act_fn: 'gelu'
-hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
-    in_channels: 80
-    base_channels: {hift}
-    nb_harmonics: 8
-    sampling_rate: 22050
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 8]
-    upsample_kernel_sizes: [16, 16]
-    istft_params:
-        n_fft: 16
-        hop_len: 4
-    resblock_kernel_sizes: [3, 7, 11]
-    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    source_resblock_kernel_sizes: [7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
-        num_class: 1
-        in_channels: 80
-        cond_channels: {f0}
-feat_extractor: !name:cosyvoice.matcha.audio.mel_spectrogram
-    n_fft: 1024
-    num_mels: 80
-    sampling_rate: 22050
-    hop_size: 256
-    win_size: 1024
-    fmin: 0
-    fmax: 8000
-    center: False
-"""
+REAL = COSYVOICE_SIZES["published"]
+SMALL = COSYVOICE_SIZES["small"]
+YAML = COSYVOICE_YAML
 
 FPS = 22050 / 256  # mel frames per second
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from tts_gpu import sync, timed  # noqa: E402 - the same timing as the flow/HiFT bench
 
 from stepaudio.random_models import build_cosyvoice, build_tts_lm  # noqa: E402
 from stepaudio.tts.cuda_graphs import GraphedBatchDecode, GraphedBatchSolver  # noqa: E402
@@ -36,22 +38,8 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_ms(fn, device: torch.device, repeats: int = 7, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
+    return timed(fn, device, repeats, warmup)
 
 
 def solve_requests(n: int, lengths: list[int], dev, dtype, g) -> list[Solve]:

@@ -29,6 +29,9 @@ Role = Literal["system", "user", "assistant"]
 
 #: ``<|BOT|>`` + role + ``\n`` + ``<|EOT|>``: what the template adds around each turn's content.
 TURN_OVERHEAD_TOKENS = 4
+#: Ends a transcript the transcription cut short ("…(the transcription stops here)"): the history
+#: is what the model reads of earlier turns, and an unmarked start would read as all that was said.
+CUT_MARK = "……（转写到此截断）"
 
 
 class ContextError(StepAudioError):
@@ -204,6 +207,12 @@ class ContextManager:
 
     def add_system_text(self, item_id: str, text: str, previous_item_id: str | None = None) -> Turn:
         return self._insert(Turn(item_id, "system", text=text), previous_item_id)
+
+    @staticmethod
+    def transcript_text(text: str, cut: bool) -> str:
+        """A transcript as the history keeps it: one the transcription cut short at its token
+        limit says so (:data:`CUT_MARK`), so the model does not take the start for the turn."""
+        return f"{text.strip()}{CUT_MARK}" if cut else text.strip()
 
     def set_transcript(self, item_id: str, text: str) -> bool:
         """The background transcription of a user audio turn arrived. False if the item is gone

@@ -52,7 +52,7 @@ def random_stages(cfg: Config, metrics: Metrics) -> Stages:
                           "built in this process)")
     m = cfg.models
     synth = random_synthesizer(cfg.tts.device, seed=m.seed, sizes=m.sizes,
-                               options=synth_options(cfg.tts),
+                               options=synth_options(cfg.tts, m.profile),
                                engine_options=tts_engine_options(cfg.tts),
                                speakers_dir=cfg.tts.speakers_dir)
     engine = stand_in_chat(cfg, synth.engine.tokenizer)

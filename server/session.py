@@ -550,6 +550,12 @@ class Session:
         if not self.turn.is_open:
             return
         self.turn.set_limit(self.vad_settled_ms if self.vad_speaking else self.speech_end_ms)
+        if (not self.vad_speaking
+                and self.vad_analysed_ms - self.speech_end_ms >= self.config.stepaudio.pause_ms):
+            # The turn may end here: its final ids are computed now, while the silence runs (the
+            # speculative reply and the end of the turn read them). The end is named as the
+            # controller names it (whole clock ms), so that all three ask for the same audio.
+            self.turn.prepare(self.clock.audio_at(round(self.clock.at(self.speech_end_ms))))
 
     def _tick(self) -> None:
         if not self.closing:
@@ -699,12 +705,13 @@ class Session:
             await asyncio.sleep(0.01)
         async with self._asr_lock:
             try:
-                text = await self.stages.chat.transcribe(ids)
+                heard = await self.stages.chat.transcribe(ids)
             except Exception as err:
                 if self.config.transcription is not None:
                     self.emit(TranscriptionFailed(item_id=item_id, error=ProtocolError(
                         type="server_error", code="transcription_failed", message=str(err)[:300])))
                 return
+        text = self.context.transcript_text(heard.text, cut=heard.cut)
         if self.context.set_transcript(item_id, text):
             item = self.items.get(item_id)
             if item is not None and item.content:

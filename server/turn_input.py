@@ -5,13 +5,20 @@ Why fed "as confirmed" and not as received: the speculative reply at a pause and
 at the end must read the same ids, ending exactly where the speech ended (the VAD's ``at_ms``).
 The stream is therefore fed only up to the point where the VAD's reading of the audio is settled
 (:attr:`stepaudio.vad.SpeechSegmenter.settled_ms`) while the user speaks, and only up to the end of
-speech while the user pauses. A speculation forks the stream there and finishes the fork; the end
-of turn finishes the stream itself at the same point. If the user resumes, the pause's audio is fed
-too and the turn goes on.
+speech while the user pauses. A speculation takes the stream's snapshot there (its final ids as if
+the turn ended there; the stream stays open); the end of turn finishes the stream itself at the
+same point. If the user resumes, the pause's audio is fed too and the turn goes on.
+
+The ids a model hears are the tokenizer's final codes, identical to the reference's offline codes
+of the turn (``stepaudio/tokenizer/utterance.py``). They are computed once per end of speech, at
+the pause (:meth:`TurnInput.prepare`, or the speculation's snapshot, whichever comes first); the
+speculative reply and the committed turn share that one result.
 
 Memory is bounded: the ring holds :data:`RING_SECONDS` of audio (longer than the longest allowed
 end-of-turn silence plus the input backlog); the session stops reading its socket before the
-tokenizer could fall that far behind.
+tokenizer could fall that far behind. The tokenizer stream keeps its own copy of the turn (16 kHz
+float32, 64 KB a second: the final codes need the whole turn under its final peak) until the turn
+is committed or discarded.
 """
 
 from __future__ import annotations
@@ -93,6 +100,8 @@ class TurnInput:
         self._lock = asyncio.Lock()  # one tokenizer job at a time for this session
         self._feeder: asyncio.Task[None] | None = None
         self._grown = asyncio.Event()
+        # The final codes being computed for (utterance, end sample).
+        self._prepared: tuple[_Utterance, int, asyncio.Task[Tokens]] | None = None
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -151,6 +160,27 @@ class TurnInput:
         if self._utt is not None:
             self._utt.closed = True
         self._utt = None
+        self._prepared = None
+
+    def prepare(self, end_ms: float) -> asyncio.Task[Tokens] | None:
+        """The user paused with the speech ending at ``end_ms``: compute the turn's final ids
+        now, in the background, so that the speculative reply and the end of the turn find them
+        ready. Idempotent for the same end; None without an open utterance."""
+        u = self._utt
+        if u is None:
+            return None
+        end = self.sample(end_ms)
+        p = self._prepared
+        if p is not None and p[0] is u and p[1] == end:
+            return p[2]
+        task = asyncio.get_running_loop().create_task(self._snapshot(u, end))
+        task.add_done_callback(_retrieve)
+        self._prepared = (u, end, task)
+        return task
+
+    def _ready(self, u: _Utterance, end: int) -> asyncio.Task[Tokens] | None:
+        p = self._prepared
+        return p[2] if p is not None and p[0] is u and p[1] == end else None
 
     # -- tokenizer jobs ---------------------------------------------------------------------------
 
@@ -191,12 +221,15 @@ class TurnInput:
 
     async def snapshot(self, end_ms: float) -> Tokens:
         """The ids of the utterance as if it ended at ``end_ms``; the stream stays open."""
-        u = self._utt
-        if u is None:
+        task = self.prepare(end_ms)
+        if task is None:
             return Tokens([], 0.0, 0.0, 0.0)
-        await self._until(self.sample(end_ms))
+        return await asyncio.shield(task)
+
+    async def _snapshot(self, u: _Utterance, end: int) -> Tokens:
+        await self._until(end)
         async with self._lock:
-            await self._feed_to(u, self.sample(end_ms))
+            await self._feed_to(u, end)
             return await self.stage.snapshot(u.stream)
 
     async def finish(self, end_ms: float) -> Tokens:
@@ -204,9 +237,20 @@ class TurnInput:
         u = self._utt
         if u is None:
             return Tokens([], 0.0, 0.0, 0.0)
+        ready = self._ready(u, self.sample(end_ms))
         self._utt = None
+        self._prepared = None
+        if ready is not None:  # computed at the pause: the same ids, no second encode
+            u.closed = True
+            return await asyncio.shield(ready)
         await self._until(self.sample(end_ms))
         async with self._lock:
             await self._feed_to(u, self.sample(end_ms))
             u.closed = True
             return await self.stage.finish(u.stream)
+
+
+def _retrieve(task: asyncio.Task[Tokens]) -> None:
+    """A prepared result nobody awaited (the user went on speaking) must not log as lost."""
+    if not task.cancelled():
+        task.exception()

@@ -40,7 +40,7 @@ from server.metrics import Metrics
 from server.protocol import AudioFormat, encode_audio
 from stepaudio.audio import StreamingResampler
 from stepaudio.llm.budget import fit_chat_prompt
-from stepaudio.llm.engine import Engine, Generation, SamplingParams
+from stepaudio.llm.engine import Engine, FinishReason, Generation, SamplingParams
 from stepaudio.llm.prompt import build_asr_prompt
 from stepaudio.vad import SAMPLE_RATE, SileroVAD, StreamingVAD, VADEvent, VADParams, run_batch
 
@@ -207,12 +207,9 @@ class TokenStream(Protocol):
 
     def feed(self, pcm: np.ndarray, sr: int) -> list[int]: ...
 
+    def snapshot(self) -> list[int]: ...
+
     def finish(self) -> list[int]: ...
-
-    def fork(self) -> TokenStream: ...
-
-    @property
-    def ids(self) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -253,21 +250,12 @@ class TokenizerStage:
         return await self._run("tokenizer_feed", lambda: stream.feed(pcm16k, SR16K))
 
     async def snapshot(self, stream: TokenStream) -> Tokens:
-        """The ids the stream would give if the utterance ended now, leaving it open (a fork is
-        finished; the speculative reply reads the same ids the end of turn will)."""
-
-        def run() -> list[int]:
-            fork = stream.fork()
-            return list(fork.ids) + list(fork.finish())
-
-        return await self._run("tokenizer_finish", run)
+        """The final ids of the utterance as if it ended now, leaving it open (the speculative
+        reply reads the very ids the end of turn will)."""
+        return await self._run("tokenizer_finish", stream.snapshot)
 
     async def finish(self, stream: TokenStream) -> Tokens:
-        def run() -> list[int]:
-            stream.finish()
-            return list(stream.ids)
-
-        return await self._run("tokenizer_finish", run)
+        return await self._run("tokenizer_finish", stream.finish)
 
     async def tokenize(self, wav: np.ndarray, sr: int) -> Tokens:
         """A whole clip (``conversation.item.create`` with input audio)."""
@@ -277,8 +265,7 @@ class TokenizerStage:
             from stepaudio.audio import resample
 
             s.feed(resample(wav, sr, SR16K), SR16K)
-            s.finish()
-            return list(s.ids)
+            return s.finish()
 
         return await self._run("tokenizer_clip", run)
 
@@ -288,6 +275,12 @@ class TokenizerStage:
 
 # --------------------------------------------------------------------------------------------------
 # Chat model
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    cut: bool  # the transcription hit its token limit: the text is only the start of the turn
 
 
 @dataclass(frozen=True)
@@ -351,8 +344,9 @@ class ChatStage:
     def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         return self.engine.generate(prompt.text if self.send_text else prompt.ids, params)
 
-    async def transcribe(self, audio_ids: Sequence[int]) -> str:
-        """The chat model in ASR mode (its system prompt asks it to write down what it heard)."""
+    async def transcribe(self, audio_ids: Sequence[int]) -> Transcript:
+        """The chat model in ASR mode (its system prompt asks it to write down what it heard);
+        ``cut`` when it was still writing at ``max_transcript_tokens``."""
         t0 = time.perf_counter()
         prompt_text = build_asr_prompt(list(audio_ids))
         prompt: str | list[int]
@@ -369,7 +363,7 @@ class ChatStage:
         finally:
             await gen.aclose()
         self.metrics.stage_seconds.labels("transcription").observe(time.perf_counter() - t0)
-        return text.strip()
+        return Transcript(text.strip(), gen.finish_reason is FinishReason.LENGTH)
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -552,7 +546,9 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
 
     paths = model_paths(root)
     tok = StepAudioTokenizer.from_config(paths.tokenizer, cfg.tokenizer)
-    tokenizer = TokenizerStage(lambda: tok.open_stream(), metrics, cfg.server.tokenizer_threads)
+    # No provisional ids: the models hear only the final (reference-exact) codes.
+    tokenizer = TokenizerStage(lambda: tok.open_stream(provisional=False), metrics,
+                               cfg.server.tokenizer_threads)
     if cfg.llm.engine == "stand-in":
         from server.random_profile import stand_in_chat
         from stepaudio.llm.tokenizer import load_text_tokenizer
@@ -597,20 +593,25 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
                            api_key_env=cfg.tts.api_key_env, health_path=cfg.llm.health_path,
                            health_check_interval_s=cfg.llm.health_check_interval_s)
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
+        from stepaudio.tts.remote_rule import check_remote_rule
+
+        engine.repetition_rule = check_remote_rule(engine, cfg.tts.repetition_rule)
     synth = Synthesizer.from_model_root(root, device=device, lm_dtype=lm_dtype, engine=engine,
                                         speakers_dir=cfg.tts.speakers_dir,
-                                        options=synth_options(cfg.tts),
+                                        options=synth_options(cfg.tts, cfg.models.profile),
                                         engine_options=tts_engine_options(cfg.tts))
     synth._tokenizer = tokenizer  # share the loaded audio tokenizer (voice cloning uses it)
     return synth
 
 
-def synth_options(tts: Any) -> Any:
-    """The synthesizer's options from the ``tts`` config section."""
+def synth_options(tts: Any, profile: str) -> Any:
+    """The synthesizer's options from the ``tts`` config section (and the models profile, which
+    picks the streaming mode ``auto`` stands for)."""
     from stepaudio.tts.synthesizer import SynthOptions
 
     batching = {"auto": None, "on": True, "off": False}[tts.batching]
-    return SynthOptions(batching=batching, max_batch_rows=tts.max_batch_rows)
+    return SynthOptions(streaming=tts.streaming_mode(profile), batching=batching,
+                        max_batch_rows=tts.max_batch_rows)
 
 
 def tts_engine_options(tts: Any) -> dict[str, Any]:

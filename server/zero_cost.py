@@ -56,14 +56,17 @@ class ZeroCostTokenStream:
         self.samples += len(pcm)
         return self._emit(self.samples // SAMPLES_PER_ID // 5 * 5)
 
-    def fork(self) -> ZeroCostTokenStream:
-        twin = ZeroCostTokenStream()
-        twin.samples, twin._ids = self.samples, list(self._ids)
-        return twin
+    def snapshot(self) -> list[int]:
+        return list(self._ids) + [
+            65536 + k % 1024 for k in range(len(self._ids), self._final_count())]
+
+    def _final_count(self) -> int:
+        return max(5, -(-self.samples // SAMPLES_PER_ID) // 5 * 5)
 
     def finish(self) -> list[int]:
         self.finished = True
-        return self._emit(max(5, -(-self.samples // SAMPLES_PER_ID) // 5 * 5))
+        self._emit(self._final_count())
+        return list(self._ids)
 
 
 class _CannedGeneration(Generation):

@@ -36,6 +36,8 @@ def _yaml_switch(value: Any) -> Any:
 
 #: auto / on / off, also when written unquoted in YAML.
 Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
+#: on / off, also when written unquoted in YAML.
+OnOff = Annotated[Literal["on", "off"], BeforeValidator(_yaml_switch)]
 
 
 def endpoint_urls(value: str | Sequence[str]) -> list[str]:
@@ -121,20 +123,22 @@ class TokenizerConfig(_Section):
         480,
         ge=120,
         multiple_of=120,
-        description="Streaming: run the S3 tokenizer each time this much new audio has arrived.",
+        description="Provisional streaming ids only (not the final codes, which the server "
+        "uses): run the S3 tokenizer each time this much new audio has arrived.",
     )
     semantic_context_ms: int = Field(
         2400,
         ge=0,
         multiple_of=120,
-        description="Streaming: left context fed to the S3 tokenizer with each new segment.",
+        description="Provisional streaming ids only: left context fed to the S3 tokenizer with "
+        "each new segment.",
     )
     semantic_lookahead_ms: int = Field(
         120,
         ge=0,
         multiple_of=120,
-        description="Streaming: newest audio held back until more arrives (its codes see the "
-        "future as offline ones do); flushed by finish().",
+        description="Provisional streaming ids only: newest audio held back until more arrives "
+        "(its codes see the future as offline ones do); flushed by finish().",
     )
 
 
@@ -321,6 +325,15 @@ class TTSConfig(_Section):
     api_key_env: str | None = Field(
         None, description="openai engine: environment variable holding the TTS server's API key."
     )
+    repetition_rule: OnOff = Field(
+        "on",
+        description="The reference samples TTS-3B with a repetition rule (a token filling more than "
+        "a tenth of the last ten is banned for one step); without it TTS-3B stutters and loops. "
+        "on: the transformers engine applies it, the openai engine asks the server for it with "
+        "every request and refuses to start unless a check shows the server applies it (vLLM "
+        "started as `stepaudio vllm-command --tts` prints). off: for a server that cannot apply "
+        "it; sampled without the rule, and the server logs a warning.",
+    )
     speakers_dir: Path | None = Field(
         None,
         description="Folder of `{id}_prompt.wav` + speakers_info.json; none: the model root's "
@@ -350,6 +363,24 @@ class TTSConfig(_Section):
         16, ge=1, le=64,
         description="Batched vocoder: at most this many windows in one flow or HiFT call.",
     )
+    streaming: Literal["auto", "cosyvoice", "low-latency"] = Field(
+        "auto",
+        description="How flow and HiFT stream a reply. cosyvoice: CosyVoice's own streaming "
+        "recipe (2 s token hops with a 20-token overlap, Hamming cross-fades, HiFT mel and "
+        "excitation caches), checked against the output of CosyVoice's own streaming code on "
+        "the tiny checkpoints; first audio after 103 tokens "
+        "(about 2.5 s of speech to generate). low-latency: this project's windows (first audio "
+        "after about 14 tokens, short look-ahead, raised-cosine cross-fades); checked against "
+        "offline synthesis on random weights only, NOT YET VERIFIED ON THE PUBLISHED WEIGHTS. "
+        "auto: cosyvoice for the real checkpoints (models.profile: real), low-latency for the "
+        "tiny and random profiles.",
+    )
+
+    def streaming_mode(self, profile: str) -> str:
+        """The mode ``auto`` stands for with this models profile."""
+        if self.streaming != "auto":
+            return self.streaming
+        return "cosyvoice" if profile == "real" else "low-latency"
 
 
 class SessionDefaults(_Section):

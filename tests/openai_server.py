@@ -26,6 +26,11 @@ out, an overloaded GPU): ``POST /fault`` with ``{"mode": ..., "after": N, "reque
 ``text`` streams that text, two characters a chunk, instead of the model's babble (a reply whose
 clauses are known). ``/fault`` with ``{"mode": "none"}`` restores normal service.
 
+Like vLLM it honours ``logit_bias`` and ignores ``vllm_xargs`` it has no processor for: a plain
+server that cannot apply the TTS-3B repetition rule. Started with ``--logits-processors
+stepaudio.tts.vllm_repetition:RepetitionAwareV2`` it applies the rule as that processor does
+(``vllm_xargs.stepaudio_repetition``: on unless 0), through our engine's own rule.
+
 Run: ``python tests/openai_server.py MODEL_DIR [--port 0]``; prints ``READY <port>`` when serving.
 """
 
@@ -46,7 +51,13 @@ from dataclasses import dataclass
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from stepaudio.llm.engine import Delta, EngineError, FinishReason, SamplingParams  # noqa: E402
+from stepaudio.llm.engine import (  # noqa: E402
+    Delta,
+    EngineError,
+    FinishReason,
+    RepetitionRule,
+    SamplingParams,
+)
 from stepaudio.llm.engine_transformers import TransformersEngine  # noqa: E402
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
@@ -93,14 +104,30 @@ def _json_response(status: int, obj: object) -> bytes:
     ).encode() + payload
 
 
+def _bias_hook(bias: dict):
+    """OpenAI ``logit_bias`` (token id strings to -100..100) as an engine logits hook."""
+    if not bias:
+        return None
+    pairs = [(int(k), max(-100.0, min(100.0, float(v)))) for k, v in bias.items()]
+
+    def hook(ids, logits):
+        for token, value in pairs:
+            logits[token] += value
+        return logits
+
+    return hook
+
+
 class Server:
-    def __init__(self, engine: TransformersEngine, served_name: str, send_done: bool) -> None:
+    def __init__(self, engine: TransformersEngine, served_name: str, send_done: bool,
+                 repetition_processor: bool = False) -> None:
         self.engine = engine
         self.served_name = served_name
         self.send_done = send_done
         self.fault = Fault()
         self.release = asyncio.Event()
         self.faults_done = 0
+        self.repetition_processor = repetition_processor
         self.log: list[dict] = []  # the last MAX_LOG requests
 
     def _prefix_counters(self) -> dict:
@@ -119,6 +146,17 @@ class Server:
         if fault.requests <= 0:
             self.fault = Fault()
         return fault
+
+    def _rule(self, req: dict) -> RepetitionRule | None:
+        if not self.repetition_processor:
+            return None
+        from stepaudio.tts.vllm_repetition import EXTRA_ARGS_KEY, check_switch
+
+        class Params:
+            extra_args = req.get("vllm_xargs") or {}
+
+        check_switch(Params)  # ValueError: a 400, as vLLM's validate_params makes it
+        return RepetitionRule() if Params.extra_args.get(EXTRA_ARGS_KEY, 1) else None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -174,6 +212,8 @@ class Server:
                 stop_token_ids=tuple(req.get("stop_token_ids") or ()),
                 seed=req.get("seed"),
                 skip_special_tokens=bool(req.get("skip_special_tokens", True)),
+                logits_hook=_bias_hook(req.get("logit_bias") or {}),
+                repetition=self._rule(req),
             )
             gen = self.engine.generate(req["prompt"], params)
         except (EngineError, ValueError, KeyError) as exc:
@@ -286,9 +326,15 @@ async def main(argv: list[str]) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--served-model-name", default="step-audio-chat")
     ap.add_argument("--no-done", action="store_true", help="end streams without data: [DONE]")
+    ap.add_argument("--logits-processors", nargs="+", default=[],
+                    help="only stepaudio.tts.vllm_repetition:RepetitionAwareV2 is understood")
     args = ap.parse_args(argv)
+    known = {"stepaudio.tts.vllm_repetition:RepetitionAwareV2"}
+    if set(args.logits_processors) - known:
+        ap.error(f"unknown logits processors {sorted(set(args.logits_processors) - known)}")
     engine = TransformersEngine.from_pretrained(args.model_dir)
-    server = Server(engine, args.served_model_name, send_done=not args.no_done)
+    server = Server(engine, args.served_model_name, send_done=not args.no_done,
+                    repetition_processor=bool(args.logits_processors))
     srv = await asyncio.start_server(server.handle, args.host, args.port)
     port = srv.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)

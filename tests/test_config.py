@@ -56,3 +56,16 @@ def test_unquoted_on_and_off_in_yaml_mean_the_words(tmp_path):
     path.write_text("llm:\n  fast_decode: off\ntts:\n  batching: on\n", encoding="utf-8")
     cfg = load_config(path)  # YAML 1.1 reads these as booleans
     assert cfg.llm.fast_decode == "off" and cfg.tts.batching == "on"
+
+
+def test_streaming_defaults_to_cosyvoices_recipe_for_the_real_checkpoints_only():
+    from stepaudio.config import config_from_dict
+
+    real = config_from_dict({"models": {"profile": "real", "root": "/srv/x"}})
+    assert real.tts.streaming == "auto" and real.tts.streaming_mode("real") == "cosyvoice"
+    assert load_config(None).tts.streaming_mode("tiny") == "low-latency"
+    assert real.tts.streaming_mode("random") == "low-latency"
+    chosen = config_from_dict({"tts": {"streaming": "low-latency"}})
+    assert chosen.tts.streaming_mode("real") == "low-latency"
+    with pytest.raises(ConfigError, match="tts.streaming"):
+        config_from_dict({"tts": {"streaming": "fast"}})

@@ -218,3 +218,31 @@ def test_chat_inputs_feed_the_exact_budget_fitter_with_the_same_prompt():
     assert history == [("user", audio_ids_to_token_str(audio(4))), ("assistant", "你好。")]
     fitted = fit_chat_prompt(_CharTokenizer(), newest, history, system, budget=100_000)
     assert fitted.text == ctx.build_prompt() and fitted.dropped == 0
+
+
+async def test_a_transcript_cut_at_its_token_limit_says_so_in_the_history(tiny_root):
+    """The transcription stops at max_transcript_tokens; the history must not pass the start of a
+    long turn off as the whole of it."""
+    from server.context import CUT_MARK
+    from server.metrics import Metrics
+    from server.workers import ChatStage
+    from stepaudio.llm.engine import SamplingParams
+    from stepaudio.llm.engine_transformers import TransformersEngine
+
+    engine = TransformersEngine.from_pretrained(tiny_root / "Step-Audio-Chat")
+    stage = ChatStage(engine, Metrics(), budget=4096, send_text=False,
+                      base_params=SamplingParams(), max_transcript_tokens=3)
+    try:
+        heard = await stage.transcribe(audio(60))
+    finally:
+        await stage.aclose()
+    assert heard.cut  # the random tiny model never ends a transcript within 3 tokens
+    ctx = ContextManager()
+    exchange(ctx, 1)
+    ctx.add_user_audio("u2", audio(6, 50))
+    ctx.set_transcript("u2", ctx.transcript_text(heard.text, cut=heard.cut))
+    ctx.add_user_audio("u3", audio(6, 90))
+    _, history, _ = ctx.chat_inputs()
+    assert history[-1] == ("user", heard.text + CUT_MARK)
+    assert history[0] == ("user", "问题1")  # complete transcripts carry no mark
+    assert ctx.transcript_text(" 全部 ", cut=False) == "全部"

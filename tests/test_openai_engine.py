@@ -55,6 +55,15 @@ def prompt(tokenizer) -> str:
     return build_chat_prompt([65536 + 3, 65536 + 1024 + 9] * 12, [("user", "hi")], system="brief")
 
 
+def _server_process(script: str, args: list[str], tmp_path_factory) -> Iterator[str]:
+    """``tests/<script> ARGS --port P`` in its own process until healthy; yields its …/v1 URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("srv") / f"{script}.log"
+    with running([sys.executable, str(TESTS / script), *args, "--port", str(port)], port,
+                 log) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def vllm_like(chat_dir: Path, tmp_path_factory) -> Iterator[str]:
     """tests/openai_server.py in its own process; yields its base URL (…/v1)."""
@@ -109,7 +118,25 @@ def test_non_sse_lines_are_protocol_errors(line):
 def test_remote_engine_refuses_in_process_hooks():
     engine = OpenAIEngine("http://127.0.0.1:9/v1", "m")
     with pytest.raises(EngineUnsupported):
-        engine.generate("x", SamplingParams(repetition=RepetitionRule()))
+        engine.generate("x", SamplingParams(logits_hook=lambda ids, logits: logits))
+    # The rule can only be asked of a vLLM server, and only the reference's rule.
+    with pytest.raises(EngineUnsupported):
+        engine.generate("x", SamplingParams(repetition=RepetitionRule(window=8)))
+    with pytest.raises(EngineUnsupported):
+        OpenAIEngine("http://127.0.0.1:9/v1", "m", dialect="openai").generate(
+            "x", SamplingParams(repetition=RepetitionRule()))
+
+
+def test_tts_requests_ask_the_server_for_the_repetition_rule():
+    from stepaudio.tts.sampling import tts_sampling_params
+
+    body = completion_body([1, 4, 5], tts_sampling_params(300, seed=1), "step-audio-tts-3b", "vllm")
+    assert body["vllm_xargs"] == {"stepaudio_repetition": 1}
+    assert body["top_k"] == 50 and body["temperature"] == 0.7 and body["top_p"] == 1.0
+    off = tts_sampling_params(300, seed=1, repetition_rule=False)
+    assert "vllm_xargs" not in completion_body([1], off, "m", "vllm")
+    engine = OpenAIEngine("http://127.0.0.1:9/v1", "m")
+    assert engine.repetition_rule  # TTS requests ask unless the start-up check says otherwise
 
 
 # --- a vLLM-shaped real server -------------------------------------------------------------------
@@ -385,3 +412,100 @@ async def test_connection_retry_reaches_a_server_that_comes_up_late():
         await engine.aclose()
         server, _ = await starter
         server.close()
+
+
+# --- the TTS-3B repetition rule on a remote server: checked at start-up --------------------------
+
+
+def _tts_server(tts_dir: Path, tmp_path_factory, *extra: str) -> Iterator[str]:
+    yield from _server_process("openai_server.py",
+                      [str(tts_dir), "--served-model-name", "step-audio-tts-3b", *extra],
+                      tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def plain_tts(tiny_root: Path, tmp_path_factory) -> Iterator[str]:
+    """A vLLM-shaped server of the tiny TTS-3B without the stepaudio logits processor."""
+    yield from _tts_server(tiny_root / "Step-Audio-TTS-3B", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ruled_tts(tiny_root: Path, tmp_path_factory) -> Iterator[str]:
+    """The same server started with the processor, as `stepaudio vllm-command --tts` starts vLLM."""
+    from stepaudio.llm.vllm_args import TTS_LOGITS_PROCESSOR
+
+    yield from _tts_server(tiny_root / "Step-Audio-TTS-3B", tmp_path_factory,
+                           "--logits-processors", TTS_LOGITS_PROCESSOR)
+
+
+def _tts_config(url: str, rule: str):
+    from stepaudio.config import Config
+
+    return Config.model_validate({"tts": {"engine": "openai", "base_url": url,
+                                          "repetition_rule": rule}})
+
+
+def test_a_tts_server_without_the_rule_is_refused_at_start_up(plain_tts, tiny_root):
+    from server.workers import _load_synthesizer
+    from stepaudio.tts.remote_rule import RepetitionRuleMissing
+
+    with pytest.raises(RepetitionRuleMissing) as err:
+        _load_synthesizer(_tts_config(plain_tts, "on"), tiny_root, None)
+    msg = str(err.value)
+    assert "does not apply the TTS-3B repetition rule" in msg
+    assert "stepaudio vllm-command --tts" in msg and "tts.repetition_rule: off" in msg
+
+
+def test_repetition_rule_off_allows_that_server_with_a_warning(plain_tts, tiny_root, caplog):
+    from server.workers import _load_synthesizer
+
+    with caplog.at_level("WARNING"):
+        synth = _load_synthesizer(_tts_config(plain_tts, "off"), tiny_root, None)
+    assert synth.engine.repetition_rule is False
+    assert any("repetition_rule is off" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+async def test_the_check_passes_a_server_that_applies_the_rule_and_tts_asks_for_it(
+        ruled_tts, tiny_root):
+    from server.workers import _load_synthesizer
+    from stepaudio.tts.remote_rule import PROBE_ID, PROBE_PROMPT
+
+    synth = await asyncio.to_thread(_load_synthesizer, _tts_config(ruled_tts, "on"), tiny_root, None)
+    try:
+        assert synth.engine.repetition_rule is True
+        # What the server does with the requests TTS sends: the newest id fills the last ten,
+        # so the rule bans it; asked to switch the rule off, the same request gets it.
+        bias = {"logit_bias": {str(PROBE_ID): 100}}
+        greedy = SamplingParams(temperature=0.0, top_k=0, max_new_tokens=1, stop_token_ids=(),
+                                repetition=RepetitionRule())
+        _, on = await synth.engine.generate(PROBE_PROMPT, greedy, extra_body=bias).collect()
+        _, off = await synth.engine.generate(
+            PROBE_PROMPT, greedy.replace(repetition=None),
+            extra_body={**bias, "vllm_xargs": {"stepaudio_repetition": 0}},
+        ).collect()
+        assert off == [PROBE_ID] and on != off
+    finally:
+        await synth.aclose()
+
+
+@pytest.fixture(scope="module")
+def hf_serve_tts(tiny_root: Path, tmp_path_factory) -> Iterator[str]:
+    """The real ``transformers serve`` of the tiny TTS-3B; yields its base URL (…/v1)."""
+    if not HAVE_SERVING:
+        pytest.skip("transformers[serving] is not installed")
+    yield from _server_process("transformers_serve_step1.py",
+                      [str(tiny_root / "Step-Audio-TTS-3B"), "--host", "127.0.0.1", "--device",
+                       "cpu"], tmp_path_factory)
+
+
+async def test_transformers_serve_as_tts_server_is_refused(hf_serve_tts):
+    """A plain OpenAI-compatible server (vLLM's fields answered 422) cannot be asked for the rule."""
+    from stepaudio.tts.remote_rule import probe
+
+    engine = OpenAIEngine(hf_serve_tts, "step-audio-tts-3b")
+    try:
+        problem = await probe(engine)
+    finally:
+        await engine.aclose()
+    assert problem is not None and hf_serve_tts in problem

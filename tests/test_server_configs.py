@@ -19,6 +19,7 @@ def test_configs_are_valid():
     assert real.tokenizer.device == real.tts.device == "cuda:4"
     assert real.server.instrument == "none"
     assert real.tts.engine == "openai" and real.tts.base_url.endswith(":8001/v1")
+    assert real.tts.streaming == "cosyvoice"  # the recipe the published vocoders came with
 
 
 def test_default_config_is_what_serve_uses_without_one():

@@ -1,5 +1,6 @@
 """The server's small parts in isolation: the turn clock, the audio ring, the send queue, the
-tokenizer fork the speculation relies on, and the load tool's arithmetic."""
+tokenizer snapshot the speculation relies on, the turn's one final encode, and the load tool's
+arithmetic."""
 
 from __future__ import annotations
 
@@ -117,22 +118,73 @@ def test_spoken_prefix_follows_the_speaking_rate():
     assert _spoken_prefix("hello there", 0) == ""
 
 
-def test_tokenizer_fork_reads_what_the_end_of_the_turn_will(tiny_root, audio_dir):
-    """The speculative reply's ids (a fork finished at the pause) equal the committed turn's."""
+def test_tokenizer_snapshot_reads_what_the_end_of_the_turn_will(tiny_root, audio_dir):
+    """The speculative reply's ids (a snapshot at the pause) equal the committed turn's, and
+    both are the offline codes of the turn."""
     from stepaudio.audio import load_audio, resample
     from stepaudio.tokenizer import StepAudioTokenizer
 
     tok = StepAudioTokenizer(tiny_root / "Step-Audio-Tokenizer")
     wav, sr = load_audio(audio_dir / "multilingual1.wav")
     w = resample(wav, sr, 16000)
-    stream = tok.open_stream()
+    stream = tok.open_stream(provisional=False)
     for i in range(0, 24000, 480):
         stream.feed(w[i:i + 480], 16000)
-    fork = stream.fork()
-    speculated = fork.ids + fork.finish()
-    assert speculated[: len(stream.ids)] == stream.ids  # the fork left the stream alone
-    stream.finish()
-    assert stream.ids == speculated and len(speculated) > 20
+    speculated = stream.snapshot()
+    assert speculated == tok.tokenize(w[:24000], 16000).ids and len(speculated) > 20
+    assert stream.finish() == speculated
+
+
+async def test_the_turn_is_encoded_once_at_the_pause_for_speculation_and_commit(tiny_root, audio_dir):
+    """prepare() at the pause, the speculation's snapshot and the commit's finish: one final
+    encode, whose ids are the offline codes of the turn from its start to the end of speech."""
+    from server.metrics import Metrics
+    from server.turn_input import TurnInput
+    from server.workers import TokenizerStage
+    from stepaudio.audio import load_audio, resample
+    from stepaudio.tokenizer import StepAudioTokenizer
+
+    tok = StepAudioTokenizer(tiny_root / "Step-Audio-Tokenizer")
+    wav, sr = load_audio(audio_dir / "multilingual1.wav")
+    w = resample(wav, sr, 16000)
+    encodes = []
+
+    class Counting:
+        def __init__(self) -> None:
+            self.inner = tok.open_stream(provisional=False)
+
+        def feed(self, pcm, rate):
+            return self.inner.feed(pcm, rate)
+
+        def snapshot(self):
+            encodes.append("snapshot")
+            return self.inner.snapshot()
+
+        def finish(self):
+            encodes.append("finish")
+            return self.inner.finish()
+
+    turn = TurnInput(TokenizerStage(Counting, Metrics(), threads=1))
+    turn.append(w)
+    turn.open(100.0)
+    turn.set_limit(1800.0)
+    prepared = turn.prepare(1800.0)
+    assert turn.prepare(1800.0) is prepared  # idempotent for the same end
+    spec = await turn.snapshot(1800.0)
+    final = await turn.finish(1800.0)
+    assert encodes == ["snapshot"]
+    assert final.ids == spec.ids == tok.tokenize(w[1600:28800], 16000).ids
+
+    # The user resumed after the pause: the next end of speech is encoded anew.
+    encodes.clear()
+    turn.open(100.0)
+    turn.set_limit(1000.0)
+    first = await turn.snapshot(1000.0)
+    turn.set_limit(2000.0)
+    final = await turn.finish(2000.0)
+    assert encodes == ["snapshot", "finish"]
+    assert first.ids == tok.tokenize(w[1600:16000], 16000).ids
+    assert final.ids == tok.tokenize(w[1600:32000], 16000).ids
 
 
 def test_load_plan_and_loop_lag_quantiles(audio_dir):

@@ -134,8 +134,14 @@ def test_vllm_processors_follow_the_per_request_switch():
 
     assert vllm_repetition.rule_enabled(Params(None))
     assert not vllm_repetition.rule_enabled(Params({"stepaudio_repetition": False}))
-    with pytest.raises(ValueError):
-        vllm_repetition.RepetitionAwareV2.validate_params(Params({"stepaudio_repetition": "yes"}))
+    for bad in ("yes", 2, [1]):
+        for cls in (vllm_repetition.RepetitionAwareV2, vllm_repetition.RepetitionAwareV1):
+            with pytest.raises(ValueError):
+                cls.validate_params(Params({"stepaudio_repetition": bad}))
+    # vLLM's vllm_xargs field turns JSON true/false into 1/0: both forms are the switch.
+    for good, on in ((1, True), (0, False), (True, True), (False, False)):
+        vllm_repetition.RepetitionAwareV2.validate_params(Params({"stepaudio_repetition": good}))
+        assert vllm_repetition.rule_enabled(Params({"stepaudio_repetition": good})) is on
     row = vllm_repetition.RepetitionAwareV1.new_req_logits_processor(None, Params(None))
     logits = torch.zeros(6)
     row([1, 2, 3, 4, 5, 1], [2, 3, 4, 5], logits)  # last ten: 5 1 2 3 4 5 → 5 twice
@@ -146,7 +152,7 @@ def test_tts_sampling_is_the_references_generate_call():
     p = tts_sampling_params(300, seed=7)
     assert (p.temperature, p.top_p, p.top_k, p.stop_token_ids, p.seed) == (0.7, 1.0, 50, (3,), 7)
     assert p.repetition == RepetitionRule(10, 0.1) and p.max_new_tokens == 300
-    assert tts_sampling_params(5, in_process_rule=False).repetition is None
+    assert tts_sampling_params(5, repetition_rule=False).repetition is None
 
 
 def test_audio_filter_maps_audio_ids_and_skips_and_counts_the_rest():
@@ -162,6 +168,85 @@ def test_token_cap_grows_with_the_text_and_stays_inside_the_context():
     assert max_new_tokens_for("(RAP)你好。", rate, 300, 32768, music=True) > short  # songs are slower
     assert max_new_tokens_for("你好。" * 200, rate, 8000, 32768) == 192  # reference max_length 8192
     assert max_new_tokens_for("你好。", rate, 500, 510) == 10
+
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+         "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _cardinal(n: int) -> str:
+    """English number words (what a TTS front end says for "1234567")."""
+    for size, name in ((10**9, "billion"), (10**6, "million"), (1000, "thousand"), (100, "hundred")):
+        if n >= size:
+            rest = f" {_cardinal(n % size)}" if n % size else ""
+            return f"{_cardinal(n // size)} {name}{rest}"
+    if n < 20:
+        return _ONES[n]
+    return _TENS[n // 10] + (f" {_ONES[n % 10]}" if n % 10 else "")
+
+
+def _syllables(word: str) -> int:
+    import re
+
+    return max(1, len(re.findall(r"[aeiouy]+", word.lower())))
+
+
+def _reference_reading_s(text: str) -> float:
+    """How long a careful reading of an English clause takes: numbers said as words (the longer of
+    the cardinal and digit-by-digit readings), all-capital words spelled letter by letter, symbols
+    said as words, at 3 syllables a second (slow speech; TTS reads 4-5), plus 0.3 s per pause."""
+    import re
+
+    words: list[str] = []
+    for tok in re.findall(r"\d+|[A-Za-z]+|[%$&@/+]", text):
+        if tok.isdigit():
+            by_digit = " ".join(_ONES[int(d)] for d in tok)
+            words += max(_cardinal(int(tok)), by_digit, key=len).split()
+        elif tok.isalpha() and tok.isupper():
+            words += ["ex" if c == "X" else f"{c}ee" for c in tok]  # every letter a syllable or two
+        else:
+            words.append({"%": "percent", "$": "dollars", "&": "and", "@": "at", "/": "slash",
+                          "+": "plus"}.get(tok, tok))
+    pauses = len(re.findall(r"[,.;:!?]", text))
+    return sum(_syllables(w) for w in words) / 3.0 + 0.3 * pauses
+
+
+DIGIT_HEAVY = [
+    "Call 555-0123 or 1-800-555-0199 before 10:30 PM on 12/25/2024.",
+    "The total was $1,234,567.89, up 12.5% from 987,654 in 2023.",
+    "Flight UA 2417 leaves gate B38 at 06:45 and lands at 11:20, seat 14C.",
+    "NASA, the FBI and the U.S. DOT met at 9 AM on 3/14.",
+]
+
+
+@pytest.mark.parametrize("text", DIGIT_HEAVY)
+def test_token_cap_never_cuts_a_careful_reading_of_numbers_and_abbreviations(text):
+    from stepaudio.tts.sampling import max_audio_seconds
+
+    need = _reference_reading_s(text)
+    assert max_audio_seconds(text) >= 1.25 * need, (max_audio_seconds(text), need)
+
+
+def test_token_cap_allows_for_slow_speed_tags(audio_dir):
+    """The reference's own slow reading (examples/speed_control2.wav, the reply to "say it very,
+    very slowly": 吃葡萄不吐葡萄皮，不吃葡萄倒吐葡萄皮) takes 5.99 s, 0.37 s a character; its normal
+    pace (Tingting's prompt) is 0.18 s. A (慢速2) clause is allowed well over that, English too."""
+    import soundfile as sf
+
+    from stepaudio.tts.sampling import max_audio_seconds
+
+    clause = "吃葡萄不吐葡萄皮，不吃葡萄倒吐葡萄皮"
+    slow_s = sf.info(str(audio_dir / "speed_control2.wav")).duration
+    assert 5.9 < slow_s < 6.1
+    assert max_audio_seconds(f"(慢速2){clause}") >= 2 * slow_s
+    assert max_audio_seconds(f"(慢速2){clause}") > max_audio_seconds(f"(慢速1){clause}") \
+        > max_audio_seconds(clause)
+    english = "(慢速2)Please read 1-800-555-0199 to me, slowly."
+    slow_factor = 0.37 / 0.18
+    assert max_audio_seconds(english) >= 1.25 * slow_factor * _reference_reading_s(english)
+    # A bracketed aside that is not a tag is read, so it counts.
+    assert max_audio_seconds("(see the note above) fine") > max_audio_seconds("fine") + 2
 
 
 # --- clause splitting ------------------------------------------------------------------------

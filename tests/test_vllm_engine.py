@@ -81,6 +81,25 @@ def test_tts_command_uses_the_next_gpu_alone(tmp_path: Path):
     assert "CUDA_VISIBLE_DEVICES=4 " in tts_spec(tmp_path, gpu=4).command()
 
 
+def test_tts_command_loads_the_repetition_rule_processor(tiny_root: Path, capsys):
+    """The printed TTS-3B command passes the processor by the FQCN vLLM 0.33 loads
+    (`--logits-processors MODULE:CLASS`, nargs +), and that name resolves to the V2 processor."""
+    import importlib
+
+    from stepaudio.tts.vllm_repetition import RepetitionAwareV2
+
+    argv = tts_spec(tiny_root, gpu=4).argv()
+    fqcn = _flag(argv, "--logits-processors")
+    assert fqcn == "stepaudio.tts.vllm_repetition:RepetitionAwareV2"
+    module, name = fqcn.split(":")
+    assert getattr(importlib.import_module(module), name) is RepetitionAwareV2
+    assert "--logits-processors" not in chat_spec(tiny_root).argv()  # the chat model has no rule
+    assert cli_main(["vllm-command", "--models", str(tiny_root), "--tts"]) == 0
+    tts = [c for c in capsys.readouterr().out.split("\n\n") if "Step-Audio-TTS-3B" in c][0]
+    words = shlex.split(tts.split("\n", 1)[-1].replace("\\\n", " "))
+    assert _flag(words, "--logits-processors") == fqcn
+
+
 def test_vllm_command_cli_prints_chat_and_tts_commands(tiny_root: Path, capsys):
     assert cli_main(["vllm-command", "--models", str(tiny_root), "--tp", "2", "--tts"]) == 0
     out = capsys.readouterr().out

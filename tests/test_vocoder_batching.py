@@ -15,7 +15,7 @@ from test_synthesizer import ScriptedEngine
 from stepaudio.tts.cosyvoice import CosyVoice
 from stepaudio.tts.estimator_fast import HAS_TRITON
 from stepaudio.tts.speakers import SpeakerFeatures
-from stepaudio.tts.streaming import StreamingToken2Wav
+from stepaudio.tts.streaming import StreamingToken2Wav, StreamOptions
 from stepaudio.tts.synthesizer import Synthesizer, SynthOptions
 from stepaudio.tts.vocoder_batch import BatchRunner, lengths_mask, masked_group_norm
 from stepaudio.tts.vocoder_scheduler import ChunkCancelled, VocoderScheduler
@@ -223,7 +223,9 @@ def test_a_failing_batch_fails_its_chunks_and_the_scheduler_goes_on(golden_cv, s
 @pytest.fixture(scope="module")
 def synths(tiny_root: Path):
     alone = Synthesizer.from_model_root(tiny_root, options=SynthOptions(batching=False))
-    batched = Synthesizer.from_model_root(tiny_root, options=SynthOptions(batching=True))
+    # the same chunking both ways (batched synthesizers chunk by `batched_stream` otherwise)
+    batched = Synthesizer.from_model_root(tiny_root, options=SynthOptions(
+        batching=True, batched_stream=StreamOptions()))
     yield alone, batched
     asyncio.run(batched.aclose())
 
@@ -345,3 +347,10 @@ async def test_next_clause_is_written_while_the_current_one_is_vocoded(synths):
     second = kinds.index("request", 1)
     last_of_first = max(i for i, k in enumerate(kinds) if k == "chunk 0")
     assert second < last_of_first  # clause 1's tokens were on their way before clause 0 ended
+
+
+def test_a_batching_synthesizer_chunks_by_its_batched_options(tiny_root):
+    synth = Synthesizer.from_model_root(tiny_root, options=SynthOptions(batching=True))
+    alone = Synthesizer.from_model_root(tiny_root, options=SynthOptions(batching=False))
+    assert synth.stream_options().first_frames == 32 and synth.stream_options().max_hop_frames == 192
+    assert alone.stream_options() == StreamOptions()

@@ -75,6 +75,11 @@ class RepetitionRule:
     max_ratio: float = 0.1
 
 
+#: The request field (vLLM ``SamplingParams.extra_args``, sent as ``vllm_xargs``) that asks the
+#: TTS-3B server's logits processor (``stepaudio.tts.vllm_repetition``) for the rule: 1 on, 0 off.
+REPETITION_XARG = "stepaudio_repetition"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling; the defaults are the reference's ``generate`` call for Step-Audio-Chat.
@@ -82,8 +87,10 @@ class SamplingParams:
     ``top_k`` 50 is not in the reference's call but is what transformers' ``generate`` applies
     by default, and the checkpoints ship no ``generation_config.json`` that would change it.
     ``temperature`` 0 means greedy. ``seed`` makes one request reproducible on one engine.
-    ``logits_hook`` and ``repetition`` run in process only (transformers engine); the remote
-    engines refuse them rather than silently sampling differently.
+    ``logits_hook`` runs in process only (transformers engine). ``repetition`` runs in process
+    too, or is asked of a vLLM server that loaded ``stepaudio.tts.vllm_repetition`` (the openai
+    engine, vLLM dialect, with the rule's reference constants); other engines refuse both rather
+    than silently sampling differently.
     """
 
     temperature: float = SamplingDefaults.temperature

@@ -31,6 +31,7 @@ import httpx
 from stepaudio.config import endpoint_urls
 from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
+    REPETITION_XARG,
     Delta,
     EngineError,
     EngineProtocolError,
@@ -39,6 +40,7 @@ from stepaudio.llm.engine import (
     EngineUnsupported,
     FinishReason,
     Generation,
+    RepetitionRule,
     SamplingParams,
     StreamedGeneration,
     Usage,
@@ -72,8 +74,9 @@ def completion_body(
     ``vllm`` adds vLLM's sampling extensions: ``stop_token_ids`` (the tokenizer's eos is ``</s>``,
     the model ends turns with id 3), ``top_k``, ``skip_special_tokens`` false and no spaces between
     special tokens (the reference decodes with transformers' defaults), and ``return_token_ids`` so
-    deltas carry the exact sampled ids (TTS audio tokens). ``openai`` sends only standard fields,
-    for servers that reject unknown ones (``transformers serve`` answers 422).
+    deltas carry the exact sampled ids (TTS audio tokens), and with a repetition rule
+    ``vllm_xargs`` asking the server's logits processor for it. ``openai`` sends only standard
+    fields, for servers that reject unknown ones (``transformers serve`` answers 422).
     """
     body: dict[str, Any] = {
         "model": model,
@@ -95,8 +98,13 @@ def completion_body(
         )
         if params.top_k > 0:
             body["top_k"] = params.top_k
+        if params.repetition is not None:
+            # JSON true would arrive as 1 anyway (vLLM's field takes str, int or float).
+            body["vllm_xargs"] = {REPETITION_XARG: 1}
     elif dialect != "openai":
         raise ValueError(f"unknown dialect {dialect!r}")
+    elif params.repetition is not None:
+        raise ValueError("the openai dialect cannot ask the server for a repetition rule")
     return body
 
 
@@ -137,10 +145,11 @@ def _error_message(obj: dict[str, Any]) -> str | None:
 
 class _HTTPGeneration(StreamedGeneration):
     def __init__(self, engine: OpenAIEngine, prompt: str | list[int], params: SamplingParams,
-                 request_id: str) -> None:
+                 request_id: str, extra_body: dict[str, Any] | None = None) -> None:
         self._engine = engine
         self._prompt = prompt
         self._params = params
+        self._extra_body = extra_body
         self._response: httpx.Response | None = None
         self._closing: asyncio.Task[None] | None = None
         #: The conversation of the task that asked (its requests go to its endpoint).
@@ -171,6 +180,7 @@ class _HTTPGeneration(StreamedGeneration):
     async def _run(self) -> AsyncIterator[Delta]:
         engine, params = self._engine, self._params
         body = completion_body(self._prompt, params, engine.model, engine.dialect)
+        body.update(self._extra_body or {})
         detok = (
             IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=params.skip_special_tokens)
             if engine.tokenizer is not None
@@ -307,6 +317,9 @@ class OpenAIEngine:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._clients: dict[int, httpx.AsyncClient] = {}
         self._checkers: dict[int, asyncio.Task[None]] = {}
+        #: As a TTS-3B engine: whether its requests ask the server for the repetition rule
+        #: (``stepaudio.tts.remote_rule`` checks at start-up that the server applies it).
+        self.repetition_rule = True
 
     @classmethod
     def from_config(cls, cfg: LLMConfig, model_dir: str | os.PathLike[str] | None) -> OpenAIEngine:
@@ -346,16 +359,25 @@ class OpenAIEngine:
         params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
+        extra_body: dict[str, Any] | None = None,
     ) -> Generation:
-        """Start a request; connecting happens on the first ``__anext__``."""
+        """Start a request; connecting happens on the first ``__anext__``. ``extra_body``: more
+        fields for this request's JSON body (they win over ours)."""
         params = params or self.defaults
-        if params.logits_hook is not None or params.repetition is not None:
+        if params.logits_hook is not None:
             raise EngineUnsupported(
-                "the openai engine cannot run in-process logits hooks or repetition rules; "
+                "the openai engine cannot run in-process logits hooks; "
                 "use the transformers engine for that request"
             )
+        if params.repetition is not None and (
+            self.dialect != "vllm" or params.repetition != RepetitionRule()
+        ):
+            raise EngineUnsupported(
+                "the openai engine asks for the repetition rule only in the vllm dialect and with "
+                "the reference's window 10 / ratio 0.1 (what stepaudio.tts.vllm_repetition applies)"
+            )
         prompt = check_prompt(prompt)
-        return _HTTPGeneration(self, prompt, params, request_id or new_request_id())
+        return _HTTPGeneration(self, prompt, params, request_id or new_request_id(), extra_body)
 
     def _client(self) -> httpx.AsyncClient:
         # An httpx client's pool belongs to one event loop; tests (and CLI runs) may use several.

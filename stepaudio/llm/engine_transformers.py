@@ -274,17 +274,20 @@ class TransformersEngine:
 
         from stepaudio.errors import ModelError
         from stepaudio.llm import register_step1
+        from stepaudio.llm.memory import check_fits
         from stepaudio.llm.tokenizer import load_text_tokenizer
 
         register_step1()  # the package is lazy: nothing else has registered model_type step1
         folder = Path(model_dir)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder}: not a checkpoint folder (no config.json)")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r} (expected auto or {', '.join(DTYPES)})")
+        # Before a single weight is read: the 130B Chat in float32 would be 528 GB.
+        check_fits(folder, device, dtype)
         tokenizer = load_text_tokenizer(folder)
         load_kwargs: dict[str, Any] = {}
         if dtype != "auto":
-            if dtype not in DTYPES:
-                raise ModelError(f"unknown dtype {dtype!r} (expected auto or {', '.join(DTYPES)})")
             load_kwargs[compat.DTYPE_KWARG] = DTYPES[dtype]
         else:
             load_kwargs[compat.DTYPE_KWARG] = "auto"

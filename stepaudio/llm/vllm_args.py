@@ -30,6 +30,8 @@ HF_OVERRIDES = {"tie_word_embeddings": False}
 #: turn depends on it, so the commands say it rather than inherit it. The prompt-token details make
 #: each response report how much of its prompt the cache served (the server's /metrics adds it up).
 PREFIX_CACHE_FLAGS = ("--enable-prefix-caching", "--enable-prompt-tokens-details")
+#: The TTS-3B repetition rule as a Model Runner V2 logits processor (vLLM 0.33's default runner).
+TTS_LOGITS_PROCESSOR = "stepaudio.tts.vllm_repetition:RepetitionAwareV2"
 CHAT_SERVED_NAME = "step-audio-chat"
 TTS_SERVED_NAME = "step-audio-tts-3b"
 INSTALL_HINT = "pip install 'stepaudio-realtime[vllm]'"
@@ -101,6 +103,7 @@ class ServeSpec:
     host: str = "127.0.0.1"
     gpu_memory_utilization: float | None = None
     generation_defaults: dict[str, Any] | None = None
+    logits_processors: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         args = [
@@ -118,6 +121,8 @@ class ServeSpec:
             args += ["--override-generation-config", json.dumps(self.generation_defaults)]
         if self.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
+        if self.logits_processors:
+            args += ["--logits-processors", *self.logits_processors]
         args += ["--host", self.host, "--port", str(self.port)]
         return args
 
@@ -181,7 +186,9 @@ def tts_spec(
     """Step-Audio-TTS-3B on one GPU, leaving room on it for the flow, vocoder and tokenizer.
 
     8192 is the reference's ``max_length`` for TTS generation (prompt included). The reference
-    samples with temperature 0.7 and transformers' default top_k 50, no top_p.
+    samples with temperature 0.7 and transformers' default top_k 50, no top_p, and always with
+    its repetition rule: the server loads it as a logits processor (stepaudio must be importable
+    in vLLM's environment), and our client asks for it with every request.
     """
     return ServeSpec(
         model_dir=Path(models_dir) / "Step-Audio-TTS-3B",
@@ -192,4 +199,5 @@ def tts_spec(
         host=host,
         gpu_memory_utilization=gpu_memory_utilization,
         generation_defaults={"temperature": 0.7, "top_k": 50},
+        logits_processors=(TTS_LOGITS_PROCESSOR,),
     )

@@ -132,18 +132,22 @@ class StepAudioTokenizer:
         return TokenizeResult(vq02, vq06)
 
     # -- streaming -----------------------------------------------------------------------------
-    def open_stream(self, normalize: bool = True) -> AudioTokenStream:
+    def open_stream(self, provisional: bool = True) -> AudioTokenStream:
+        """A stream whose final codes equal the offline ones; ``provisional`` adds early,
+        inexact ids to what :meth:`AudioTokenStream.feed` returns (see ``streaming.py``)."""
         from .streaming import AudioTokenStream
 
-        return AudioTokenStream(self, normalize=normalize)
+        return AudioTokenStream(self, provisional=provisional)
 
     def tokenize_streaming(self, wav: np.ndarray, sr: int, chunk_ms: int = 100) -> TokenizeResult:
-        """Feed a whole signal in live-sized chunks (what `tokenize --stream` shows)."""
+        """Feed a whole signal in live-sized chunks and return the stream's final codes (what
+        `tokenize --stream` shows: they must equal the offline codes)."""
         if chunk_ms <= 0:
             raise AudioError("chunk_ms must be positive")
-        stream = self.open_stream()
+        stream = self.open_stream(provisional=False)
         step = max(1, int(sr * chunk_ms / 1000))
         for i in range(0, len(wav), step):
             stream.feed(wav[i : i + step], sr)
         stream.finish()
-        return TokenizeResult(list(stream.vq02), list(stream.vq06))
+        assert stream.result is not None
+        return stream.result

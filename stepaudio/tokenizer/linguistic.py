@@ -13,6 +13,7 @@ reference's rule is reproduced here, outside FunASR.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -165,6 +166,18 @@ class LinguisticTokenizer:
         closed.
         """
         return self._feed(stream, _as_wave(wav16k), is_final, None)
+
+    def copy_stream(self, stream: LinguisticStream) -> LinguisticStream:
+        """An independent copy of a stream's state: finishing the copy gives the codes the
+        utterance would have if it ended here, and leaves the original open."""
+        with stream.lock:
+            if stream.finished:
+                raise StreamFinishedError("linguistic stream already received is_final=True")
+            return LinguisticStream(
+                frontend_cache=copy.deepcopy(stream.frontend_cache),
+                encoder_cache=copy.deepcopy(stream.encoder_cache),
+                pending=stream.pending.copy(),
+            )
 
     def encode(self, wav16k: np.ndarray) -> np.ndarray:
         """Offline codes: the reference's `get_vq02_code(audio)` (one final call on a fresh stream)."""

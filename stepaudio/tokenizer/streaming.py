@@ -1,21 +1,24 @@
 """Streaming tokenization: per-session state over the shared dual tokenizer.
 
 Live audio arrives in chunks of any size at the client's sample rate. Each stream resamples exactly
-as the offline path does, keeps the paraformer's encoder caches and the semantic window, and hands
-back interleaved ids the moment a 120 ms group is complete, so the controller can start a
-speculative reply on the tokens so far. `finish()` flushes the tail (the end-of-turn lag).
+as the offline path does and keeps two views of the utterance:
 
-Energy normalisation needs the utterance's peak, which a live stream does not know yet: a stream
-scales each chunk by the running peak so far (never below the reference's 0.01 floor), so its
-ids depend on where the chunks fall and can differ from the offline ones until the loudest part has
-been heard (bench/RESULTS.md: 89-98 % equal for 2-20 s utterances). Callers that normalise
-themselves pass `normalize=False`, which makes the ids independent of the chunking.
+- **Final codes** (:meth:`AudioTokenStream.snapshot`, :meth:`AudioTokenStream.finish`): exactly the
+  reference's offline codes of the audio so far (whole-utterance peak normalisation, one
+  linguistic stream, one S3 pass per 30 s piece). The work is done as the audio arrives, under
+  the peak seen so far (``utterance.py``), so the end of a turn costs little more than the
+  streaming tail. These are what a model may hear.
+- **Provisional ids** (what :meth:`AudioTokenStream.feed` returns, when the stream is opened with
+  ``provisional=True``): interleaved ids the moment a 120 ms group is complete, from a live
+  pipeline that scales by the running peak and runs S3 on windows with a little look-ahead.
+  They arrive early but are not the reference's (bench/RESULTS.md: 89-98 % equal for 2-20 s
+  utterances on the tiny models, less on the real S3 model, a full-attention transformer): use
+  them only for provisional work. The server opens its streams without them.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +28,10 @@ import numpy as np
 
 from ..audio import StreamingResampler, check_sample_rate, to_mono_float32
 from ..errors import AudioError, StepAudioError
+from .dual import TokenizeResult
 from .interleave import Interleaver, interleave_ids
 from .preprocess import SR
+from .utterance import PEAK_FLOOR, UtteranceCodes
 
 if TYPE_CHECKING:
     from .dual import StepAudioTokenizer
@@ -34,68 +39,75 @@ if TYPE_CHECKING:
 PcmLike = np.ndarray | bytes | bytearray | memoryview
 
 
+class _Provisional:
+    """The live pipeline: running-peak scaling, the linguistic stream and the S3 windows."""
+
+    def __init__(self, tok: StepAudioTokenizer) -> None:
+        self.tok = tok
+        self.ling = tok.linguistic.new_stream()
+        self.sem = tok.semantic.new_stream()
+        self.inter = Interleaver()
+        self.peak = 0.0
+
+    def _scale(self, y: np.ndarray) -> np.ndarray:
+        self.peak = max(self.peak, float(np.abs(y).max()))
+        return (y / max(self.peak, PEAK_FLOOR) * 0.999).astype(np.float32)
+
+    def feed(self, y: np.ndarray) -> list[int]:
+        y = self._scale(y)
+        vq02 = self.tok.linguistic.feed(self.ling, y, is_final=False)
+        vq06 = self.tok.semantic.feed(self.sem, y)
+        return self.inter.push(vq02, vq06)
+
+    def finish(self, y: np.ndarray) -> list[int]:
+        y = self._scale(y) if len(y) else y
+        vq02 = self.tok.linguistic.feed(self.ling, y, is_final=True)
+        vq06 = list(self.tok.semantic.feed(self.sem, y)) if len(y) else []
+        vq06 += list(self.tok.semantic.finish(self.sem))
+        return self.inter.push(vq02, vq06)
+
+
 class AudioTokenStream:
     """One utterance's streaming state. Thread safe; feed() after finish() is an error."""
 
-    def __init__(self, tokenizer: StepAudioTokenizer, normalize: bool = True) -> None:
+    def __init__(self, tokenizer: StepAudioTokenizer, provisional: bool = True) -> None:
         self.tok = tokenizer
-        self.normalize = normalize
         self.sr: int | None = None
         self.resampler: StreamingResampler | None = None
-        self.ling = tokenizer.linguistic.new_stream()
-        self.sem = tokenizer.semantic.new_stream()
-        self.inter = Interleaver()
-        self.peak = 0.0
+        self.exact = UtteranceCodes(tokenizer)
+        self.live = _Provisional(tokenizer) if provisional else None
+        self.result: TokenizeResult | None = None  # the final codes, once finished
+        # The last snapshot that needed the resampler's tail: (samples before it, the tail, codes).
+        self._tail_snap: tuple[int, np.ndarray, TokenizeResult] | None = None
         self.samples_16k = 0
         self.finished = False
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
 
     @property
+    def provisional_ids(self) -> list[int]:
+        """Every provisional id so far (empty without the live pipeline)."""
+        if self.live is None:
+            return []
+        return interleave_ids(self.live.inter.vq02, self.live.inter.vq06)
+
+    def _final(self) -> TokenizeResult:
+        if self.result is None:
+            raise StepAudioError("the final codes exist once the stream is finished")
+        return self.result
+
+    @property
     def vq02(self) -> list[int]:
-        return self.inter.vq02
+        return self._final().vq02
 
     @property
     def vq06(self) -> list[int]:
-        return self.inter.vq06
+        return self._final().vq06
 
     @property
     def ids(self) -> list[int]:
-        """Interleaved LLM ids of every complete group so far."""
-        return interleave_ids(self.inter.vq02, self.inter.vq06)
-
-    def fork(self) -> AudioTokenStream:
-        """An independent copy of this stream's state (the shared models are not copied).
-
-        Finishing the fork gives the ids the utterance would have if it ended here, while this
-        stream goes on: the server's speculative reply reads exactly the ids the end of the turn
-        will produce, without closing the turn.
-        """
-        with self.lock:
-            if self.finished:
-                raise StepAudioError("audio stream already finished")
-            twin = copy.copy(self)
-            twin.lock = threading.Lock()
-            twin.resampler = copy.deepcopy(self.resampler)
-            twin.ling = dataclasses.replace(
-                self.ling,
-                frontend_cache=copy.deepcopy(self.ling.frontend_cache),
-                encoder_cache=copy.deepcopy(self.ling.encoder_cache),
-                pending=self.ling.pending.copy(),
-                lock=threading.Lock(),
-            )
-            twin.sem = dataclasses.replace(self.sem, audio=self.sem.audio.copy())
-            twin.inter = Interleaver()
-            twin.inter.vq02 = list(self.inter.vq02)
-            twin.inter.vq06 = list(self.inter.vq06)
-            twin.inter.groups = self.inter.groups
-            return twin
-
-    def _scale(self, y: np.ndarray) -> np.ndarray:
-        if not self.normalize or not len(y):
-            return y
-        self.peak = max(self.peak, float(np.abs(y).max()))
-        return (y / max(self.peak, 0.01) * 0.999).astype(np.float32)
+        """The final interleaved ids (after :meth:`finish`)."""
+        return self._final().ids
 
     def _start(self, sr: int) -> None:
         sr = check_sample_rate(sr)
@@ -106,7 +118,7 @@ class AudioTokenStream:
             raise AudioError(f"sample rate changed mid-stream from {self.sr} to {sr} Hz")
 
     def feed(self, pcm: PcmLike, sr: int) -> list[int]:
-        """New interleaved ids (possibly none) after this chunk."""
+        """New provisional ids (possibly none; always none without the live pipeline)."""
         x = to_mono_float32(pcm)
         with self.lock:
             if self.finished:
@@ -114,28 +126,59 @@ class AudioTokenStream:
             self._start(sr)
             assert self.resampler is not None
             self.last_used = time.monotonic()
-            y = self._scale(self.resampler.process(x))
+            y = self.resampler.process(x)
             if not len(y):
                 return []
             self.samples_16k += len(y)
-            vq02 = self.tok.linguistic.feed(self.ling, y, is_final=False)
-            vq06 = self.tok.semantic.feed(self.sem, y)
-            return self.inter.push(vq02, vq06)
+            self.exact.append(y)
+            return self.live.feed(y) if self.live is not None else []
+
+    def snapshot(self) -> list[int]:
+        """The final ids the utterance would have if it ended here; the stream stays open.
+
+        The server's speculative reply reads these at the user's pause, and the committed turn
+        reads the same (cached) codes when the user says no more.
+        """
+        with self.lock:
+            if self.finished:
+                raise StepAudioError("audio stream already finished")
+            self.last_used = time.monotonic()
+            if self.resampler is None:
+                return []
+            if self.resampler.identity:
+                return self.exact.codes().ids
+            # The resampler holds back its last few output samples until more input comes; an
+            # utterance ending here would flush them.
+            tail = copy.deepcopy(self.resampler).flush()
+            if not len(tail):
+                return self.exact.codes().ids
+            twin = self.exact.fork()
+            twin.append(tail)
+            codes = twin.codes()
+            self._tail_snap = (self.exact.n, tail, codes)
+            return codes.ids
 
     def finish(self) -> list[int]:
-        """Flush everything buffered; returns the last ids. The stream is closed afterwards."""
+        """Flush everything buffered; returns the final ids. The stream is closed afterwards."""
         with self.lock:
             if self.finished:
                 raise StepAudioError("audio stream already finished")
             self.finished = True
             if self.resampler is None:
+                self.result = TokenizeResult()
                 return []
-            y = self._scale(self.resampler.flush())
+            y = self.resampler.flush()
             self.samples_16k += len(y)
-            vq02 = self.tok.linguistic.feed(self.ling, y, is_final=True)
-            vq06 = list(self.tok.semantic.feed(self.sem, y)) if len(y) else []
-            vq06 += list(self.tok.semantic.finish(self.sem))
-            return self.inter.push(vq02, vq06)
+            snap = self._tail_snap
+            if self.live is not None:
+                self.live.finish(y)
+            if snap is not None and snap[0] == self.exact.n and np.array_equal(snap[1], y):
+                self.result = snap[2]  # nothing came since the snapshot: its codes are final
+            else:
+                self.exact.append(y)
+                self.result = self.exact.codes()
+            self.exact.release()
+            return self.result.ids
 
 
 class TokenizerStreams:
@@ -187,7 +230,7 @@ class TokenizerStreams:
         return stream.feed(pcm, sr)
 
     def finish(self, session_id: str) -> list[int]:
-        """Flush and forget the session's stream; a session with no audio yields no ids."""
+        """The session's final ids; the stream is forgotten. A session with no audio yields none."""
         stream = self._get(session_id, create=False)
         if stream is None:
             return []

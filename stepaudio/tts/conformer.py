@@ -127,7 +127,7 @@ class MultiHeadedAttention(nn.Module):
         return lin(x).view(x.size(0), -1, self.h, self.d_k).transpose(1, 2)
 
     def _attend(self, v: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None and not bool(mask.all()):
+        if mask is not None:  # (no all-ones shortcut: a host read would break graph capture)
             pad = mask.unsqueeze(1).eq(0)[:, :, :, : scores.size(-1)]
             attn = torch.softmax(scores.masked_fill(pad, -float("inf")), dim=-1).masked_fill(pad, 0.0)
         else:

@@ -215,8 +215,10 @@ class FastEstimator(nn.Module):
         h = self._block(r.block1, x) + r.mlp(t).unsqueeze(-1)
         return self._block(r.block2, h) + r.res_conv(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
-                spks: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def _inputs(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor | None, cond: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the U-Net's input: x, mu, speaker and condition stacked; the time embedding)."""
         d = self.dec
         dtype = d.final_proj.weight.dtype
         t = d.time_mlp(d.time_embeddings(t).to(t.dtype)).to(dtype)
@@ -225,7 +227,12 @@ class FastEstimator(nn.Module):
             parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         if cond is not None:
             parts.append(cond)
-        x = torch.cat(parts, dim=1).to(dtype)
+        return torch.cat(parts, dim=1).to(dtype), t
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        d = self.dec
+        x, t = self._inputs(x, mu, t, spks, cond)
         hiddens = []
         for resnet, transformers, downsample in d.down_blocks:
             x = self._transformers(transformers, self._resnet(resnet, x, t))

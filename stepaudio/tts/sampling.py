@@ -6,7 +6,7 @@ and a rule that bans the newest token for one step when it fills more than a ten
 ten ids (so: occurs at least twice in them, prompt ids included). The rule exists three ways here
 because three samplers run it: a transformers ``LogitsProcessor`` (``generate`` users), a plain
 ``(ids, logits)`` hook (our engines' sampling hook) and vLLM's batch processors
-(``stepaudio.tts.vllm_repetition``, registered on the TTS-3B vLLM server).
+(``stepaudio.tts.vllm_repetition``, loaded by the TTS-3B vLLM server, asked for per request).
 
 The LM writes ``<audio_N>`` ids (65536 + N, N < 5120) and ends with ``<|EOT|>``. A random or
 confused model can also write text ids; the reference would pass them on to the flow, where they
@@ -83,11 +83,12 @@ class RepetitionAwareLogitsProcessor(LogitsProcessor):
 
 
 def tts_sampling_params(max_new_tokens: int, seed: int | None = None,
-                        in_process_rule: bool = True) -> SamplingParams:
+                        repetition_rule: bool = True) -> SamplingParams:
     """Engine parameters equal to the reference's ``generate`` call for one TTS request.
 
-    ``in_process_rule`` False leaves the repetition rule to the server (vLLM with
-    ``stepaudio.tts.vllm_repetition`` registered): remote engines refuse Python hooks.
+    The repetition rule runs in process (transformers engine) or is asked of the TTS-3B vLLM
+    server (openai engine); ``repetition_rule`` False only where the operator turned it off
+    (``tts.repetition_rule: off``, for a server that cannot apply it).
     """
     return SamplingParams(
         temperature=TTS_TEMPERATURE,
@@ -96,7 +97,7 @@ def tts_sampling_params(max_new_tokens: int, seed: int | None = None,
         max_new_tokens=max(1, int(max_new_tokens)),
         stop_token_ids=(EOT_ID,),
         seed=seed,
-        repetition=RepetitionRule(REPETITION_WINDOW, REPETITION_MAX_RATIO) if in_process_rule
+        repetition=RepetitionRule(REPETITION_WINDOW, REPETITION_MAX_RATIO) if repetition_rule
         else None,
     )
 
@@ -126,21 +127,50 @@ class AudioTokenFilter:
 
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
-_TAG = re.compile(r"[（(][^()（）]*[）)]")
+#: Symbols a TTS reads as words ("%" percent, "$" dollars, "&" and, "°" degrees, "/" slash...).
+_READ_AS_WORDS = set("%‰$€£¥₩&@#+=°×÷~*/\\<>^|§©®™℃℉")
+#: Seconds per character, read slowly (measured: Tingting's prompt, 24 characters in 4.4 s, is
+#: 0.18 s per character; numbers and letters are what a reference TTS would say for them).
+CJK_S = 0.5  # a syllable
+DIGIT_S = 1.0  # "1,234,567" is 13 English words (21 syllables); "2024" "twenty twenty-four"
+CAPITAL_S = 0.45  # abbreviations are spelled: "FBI", "U.S.", "NASA"
+LETTER_S = 0.15  # English runs at 12-15 letters a second
+SYMBOL_S = 0.7
+PUNCT_S = 0.35  # a pause
+#: Speed tags, from the reference's own example: its "very, very slow" reading
+#: (examples/speed_control2.wav) takes 0.37 s per character, twice Tingting's normal pace.
+SPEED_FACTOR = {"慢速1": 1.8, "慢速2": 2.5}
 
 
 def max_audio_seconds(text: str, music: bool = False) -> float:
-    """A generous ceiling on how long ``text`` can take to say.
+    """A generous ceiling on how long ``text`` can take to say, so that no reading the reference's
+    TTS could give is cut (the reference stops only at its 8192-token ``max_length``).
 
-    Chinese is read at 4-5 characters a second and English at 12-15 letters a second; this
-    allows 0.5 s per CJK character and 0.15 s per other visible character, plus 2 s, twice that
-    for RAP/humming. It only has to stop a model that never writes ``<|EOT|>`` (the tiny random
-    checkpoints, or a real one that loops), never a real reading.
+    Each character is priced at a slow reading of what is said for it: 0.5 s a CJK character,
+    0.15 s a lowercase letter, 0.45 s a capital (spelled abbreviations), 1 s a digit (numbers are
+    read as words), 0.7 s a symbol read as a word, 0.35 s any other mark (a pause), plus 2 s;
+    times 1.8 / 2.5 under the slow-speed tags and 2 for RAP/humming. The cap only has to stop a
+    model that never writes ``<|EOT|>`` (the tiny random checkpoints, or a real one that loops).
     """
-    body = _TAG.sub("", text)
-    cjk = len(_CJK.findall(body))
-    other = sum(1 for ch in body if not ch.isspace()) - cjk
-    seconds = 2.0 + 0.5 * cjk + 0.15 * other
+    from stepaudio.tts.text import split_leading_tags  # text imports nothing of this module
+
+    tags, body = split_leading_tags(text)
+    seconds = 2.0
+    for ch in body:
+        if ch.isspace():
+            continue
+        if _CJK.match(ch):
+            seconds += CJK_S
+        elif ch.isdigit():
+            seconds += DIGIT_S
+        elif ch.isalpha():
+            seconds += CAPITAL_S if ch.isupper() else LETTER_S
+        elif ch in _READ_AS_WORDS:
+            seconds += SYMBOL_S
+        else:
+            seconds += PUNCT_S
+    for tag in tags:
+        seconds *= SPEED_FACTOR.get(tag.strip("()（）").strip(), 1.0)
     return seconds * (2.0 if music else 1.0)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,28 +40,23 @@ from stepaudio.errors import ModelError
 from stepaudio.tts.cosyvoice import CosyVoice
 from stepaudio.tts.hift import SourceDraws
 from stepaudio.tts.speakers import SpeakerFeatures
+from stepaudio.tts.token_feed import TokenFeed
 from stepaudio.tts.vocoder_work import (
+    AloneRunner,
     ChunkWork,
     Decode,
+    DecodeFn,
     Encode,
+    EncodeFn,
     PredictF0,
     Regulate,
     Request,
     Solve,
+    Solver,
     interpolate_to,
     linear_interp_rows,
     run_now,
-    run_one,
 )
-
-#: (mu, mask, spks, cond, noise) → mel (1, 80, T): the estimator's 10 Euler steps (eager or a
-#: captured CUDA graph).
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                  torch.Tensor]
-#: HiFT's decode (mel, source) → wav, eager or captured.
-DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: The flow's token encoder: ids (1, n) → (1, n, 80) projected features, eager or captured.
-EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Token2WavModels(Protocol):
@@ -160,9 +155,7 @@ class UtteranceNoise:
         self.phase = phase
 
     def _gen(self, tag: tuple) -> torch.Generator:
-        words = [self.seed & 0xFFFFFFFF] + [hash_word(str(t)) for t in tag]
-        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return tagged_generator(self.seed, tag)
 
     def _randn(self, tag: tuple, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self._gen(tag))
@@ -206,6 +199,26 @@ class UtteranceNoise:
         return noise, draws
 
 
+def speaker_on_device(flow: Any, speaker: SpeakerFeatures, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt tokens (1, T1), projected speaker embedding (1, 80), prompt mel (1, T, 80)) on
+    the device. A stream makes them on first use: by whichever thread runs the chunks (the
+    vocoder's, on its own CUDA stream), never the event loop that creates the stream."""
+    with torch.inference_mode():
+        emb = speaker.embedding.to(device, dtype)
+        return (speaker.prompt_token.reshape(1, -1).to(device),
+                flow.spk_embed_affine_layer(F.normalize(emb, dim=1)),
+                speaker.prompt_feat.to(device))
+
+
+def tagged_generator(seed: int, tag: tuple) -> torch.Generator:
+    """A CPU generator for one named draw of an utterance (seed and tag), independent of every
+    other draw, so draws can be made in any order and on any device."""
+    words = [seed & 0xFFFFFFFF] + [hash_word(str(t)) for t in tag]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def hash_word(text: str) -> int:
     """A stable 32-bit word (Python's hash() is salted per process)."""
     import zlib
@@ -245,7 +258,7 @@ class _State:
     phase: np.ndarray | None = None  # per-harmonic phase (cycles) at sample committed·spf
 
 
-class StreamingToken2Wav:
+class StreamingToken2Wav(TokenFeed):
     """One utterance: ``push(flow tokens)``, ``finish()``; each ``next_chunk()`` computes one chunk.
 
     Not thread-safe; one utterance is driven by one caller. ``ready()`` says whether a chunk can
@@ -255,6 +268,7 @@ class StreamingToken2Wav:
     def __init__(self, model: Token2WavModels, speaker: SpeakerFeatures,
                  options: StreamOptions | None = None, seed: int = 0, solver: Solver | None = None,
                  decode: DecodeFn | None = None, encode: EncodeFn | None = None) -> None:
+        super().__init__()
         self.model = model
         self.flow = model.flow
         self.hift = model.hift
@@ -263,8 +277,6 @@ class StreamingToken2Wav:
         self.device = model.device
         self.dtype = self.flow.dtype
         self.spf = self.hift.samples_per_frame()
-        self.tokens: list[int] = []
-        self.finished = False
         self.stats: list[ChunkStats] = []
         self._s = _State()
         n_mels = self.flow.output_size
@@ -272,41 +284,17 @@ class StreamingToken2Wav:
         self.mel_len1 = int(speaker.prompt_feat.shape[1])
         self.noise = UtteranceNoise(seed, n_mels, self.hift.harmonics, self.spf, self.mel_len1)
         self._s.phase = np.zeros(self.hift.harmonics)
-        self._solver = solver or self._eager_solver
-        self._decode = decode or self.hift.decode
-        self._encode = encode or self._eager_encode
+        self._run_alone = AloneRunner(model, self.opt.n_timesteps, solver, decode, encode)
         conf = self.flow.mel_feat_conf
         # mel frames per token, exactly as the flow's own length rule computes it
         self.r = float(conf["sampling_rate"]) / float(conf["hop_size"]) / self.flow.input_frame_rate
         self._on_device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _speaker(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prompt tokens (1, T1), projected speaker embedding (1, 80), prompt mel (1, T, 80)) on
-        the device, made on first use: by whichever thread runs the chunks (the vocoder's, on
-        its own CUDA stream), never the event loop that creates the stream."""
+        """The speaker on the device, made on first use (see :func:`speaker_on_device`)."""
         if self._on_device is None:
-            spk = self.speaker
-            with torch.inference_mode():
-                emb = spk.embedding.to(self.device, self.dtype)
-                self._on_device = (spk.prompt_token.reshape(1, -1).to(self.device),
-                                   self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1)),
-                                   spk.prompt_feat.to(self.device))
+            self._on_device = speaker_on_device(self.flow, self.speaker, self.device, self.dtype)
         return self._on_device
-
-    # -- feeding -------------------------------------------------------------------------------
-    def push(self, tokens: Sequence[int]) -> None:
-        """Append flow tokens (0 … vocab-1)."""
-        if self.finished:
-            raise ModelError("streaming token2wav: push() after finish()")
-        for t in tokens:
-            t = int(t)
-            if not 0 <= t < self.flow.vocab_size:
-                raise ModelError(f"flow token {t} outside 0..{self.flow.vocab_size - 1}")
-            self.tokens.append(t)
-
-    def finish(self) -> None:
-        """No more tokens: the remaining frames go out in the next one or two chunks."""
-        self.finished = True
 
     @property
     def total_frames(self) -> int:
@@ -383,34 +371,6 @@ class StreamingToken2Wav:
         s.chunks += 1
         self.noise.forget_before(max(0, commit - max(opt.left_frames, opt.hift_window_frames) - 1))
         return wav
-
-    @torch.inference_mode()
-    def _run_alone(self, request: Request) -> torch.Tensor:
-        """One request through this stream's own callables (eager, or captured graphs)."""
-        if isinstance(request, Encode):
-            return self._encode(request.ids[None])[0]
-        if isinstance(request, Solve):
-            mu = request.mu[None]
-            mask = torch.ones(1, 1, mu.shape[-1], device=mu.device, dtype=mu.dtype)
-            return self._solver(mu, mask, request.spks[None], request.cond[None],
-                                request.noise[None])[0]
-        if isinstance(request, Decode):
-            return self._decode(request.mel[None], request.source.view(1, 1, -1))[0]
-        return run_one(self.model, request, self.opt.n_timesteps)
-
-    def _eager_solver(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-                      cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The CFM sampler with the fewer-op estimator: a window is never padded, so its mask
-        is all ones (same arithmetic; ~15% fewer ops, which is what a small model pays for)."""
-        from stepaudio.tts.estimator_fast import fast_estimator, solve_full_mask
-
-        cfm = self.flow.decoder
-        return solve_full_mask(cfm, fast_estimator(cfm.estimator), mu, mask, self.opt.n_timesteps,
-                               spks, cond, noise)
-
-    def _eager_encode(self, ids: torch.Tensor) -> torch.Tensor:
-        flow = self.flow
-        return flow.encoder_proj(flow.encoder(flow.input_embedding(torch.clamp(ids, min=0))))
 
     def _flow_window(self, j0: int, j1: int, whole: bool
                      ) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, tuple[int, int]]]:
@@ -511,13 +471,6 @@ class StreamingToken2Wav:
         s.wav_tail = None if final else wav[end: end + opt.wav_xfade].clone()
         s.phase = (s.phase + cycles_per_hz * f0_np[left: commit - h0].sum()) % 1.0
         return out.numpy()
-
-    def drain(self) -> list[np.ndarray]:
-        """Every chunk that is ready now (no cancellation points: for offline use and tests)."""
-        out = []
-        while self.ready():
-            out.append(self.next_chunk())
-        return out
 
 
 def offline_wav(model: CosyVoice, speaker: SpeakerFeatures, tokens: Sequence[int], seed: int = 0,

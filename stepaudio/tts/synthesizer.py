@@ -4,7 +4,8 @@ float32 PCM chunks, cancellable between chunks.
 Shape of one reply (a :class:`SpeechStream`)::
 
     text deltas → ClauseSplitter → clause → TTS-3B (engine) → <audio_N> ids → flow tokens
-        → StreamingToken2Wav (flow windows, HiFT) → AudioChunk, AudioChunk, …
+        → streaming token → wav (stream_modes: CosyVoice's recipe or the low-latency windows;
+          flow, HiFT) → AudioChunk, AudioChunk, …
 
 Clauses are spoken one after another, each its own TTS-3B request, so the first clause's audio
 starts while the LLM is still writing the second. Heavy work runs off the event loop: TTS-3B in
@@ -58,7 +59,9 @@ from stepaudio.tts.speakers import (
     check_prompt_audio,
     compute_features,
 )
-from stepaudio.tts.streaming import ChunkStats, StreamingToken2Wav, StreamOptions
+from stepaudio.tts.stream_modes import Token2WavStream, open_token2wav, resolve_mode, window_shapes
+from stepaudio.tts.streaming import ChunkStats, StreamOptions
+from stepaudio.tts.streaming_cosyvoice import CosyVoiceStreamOptions
 from stepaudio.tts.text import ClauseSplitter
 from stepaudio.tts.vocoder_batch import BatchRunner
 from stepaudio.tts.vocoder_scheduler import ChunkCancelled, RoundStats, VocoderScheduler
@@ -120,9 +123,18 @@ class SynthesisReport:
 
 @dataclass(frozen=True)
 class SynthOptions:
-    """Per-synthesizer settings (see :class:`StreamOptions` for the chunking)."""
+    """Per-synthesizer settings. ``streaming``: ``cosyvoice``, ``low-latency`` or ``auto``
+    (see :mod:`stepaudio.tts.stream_modes`); ``stream`` and ``cosyvoice`` are the two modes'
+    chunking."""
 
+    streaming: str = "auto"
     stream: StreamOptions = field(default_factory=StreamOptions)
+    cosyvoice: CosyVoiceStreamOptions = field(default_factory=CosyVoiceStreamOptions)
+    #: Chunking when batched (a GPU serving many sessions): a 0.37 s first chunk, so the second
+    #: arrives before it has played even behind a whole round of other sessions' work, and
+    #: 2.2 s steady chunks (half the flow windows per second of speech).
+    batched_stream: StreamOptions = field(
+        default_factory=lambda: StreamOptions(first_frames=32, max_hop_frames=192))
     first_min_chars: int = 4
     soft_min_chars: int = 24
     max_clause_chars: int = 160
@@ -144,6 +156,12 @@ class SynthOptions:
 _END = object()
 
 
+def model_frames_per_token(flow: Any) -> float:
+    """Mel frames per flow token, as the flow's own length rule computes them."""
+    conf = flow.mel_feat_conf
+    return float(conf["sampling_rate"]) / float(conf["hop_size"]) / flow.input_frame_rate
+
+
 def later_clause_options(opts: StreamOptions) -> StreamOptions:
     """Chunking of a reply's second and later clauses: their first chunk is a full hop (fewer,
     longer chunks), since the listener already has the earlier clauses' audio to play."""
@@ -159,7 +177,7 @@ class _Clause:
     folder: str
     feats: SpeakerFeatures
     model: Any
-    st: StreamingToken2Wav
+    st: Token2WavStream
     generating: bool = True  # speech tokens are still coming
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # tokens came, or the end
 
@@ -174,11 +192,13 @@ class Synthesizer:
 
     def __init__(self, engine: Engine, cosyvoice: Callable[[str], Any],
                  speakers: SpeakerRegistry, tokenizer: Callable[[], Any] | None = None,
-                 options: SynthOptions | None = None, owns_engine: bool = False) -> None:
+                 options: SynthOptions | None = None, owns_engine: bool = False,
+                 model_root: Path | None = None) -> None:
         self.engine = engine
         self.owns_engine = owns_engine  # close it with the synthesizer (we built it)
         self.speakers = speakers
         self.options = options or SynthOptions()
+        self.streaming = resolve_mode(self.options.streaming, model_root)
         self._make_cosyvoice = cosyvoice
         self._make_tokenizer = tokenizer
         self._models: dict[str, Any] = {}
@@ -229,7 +249,7 @@ class Synthesizer:
             return StepAudioTokenizer(paths.tokenizer)
 
         return cls(engine, load_cosyvoice, SpeakerRegistry.from_dir(folder), load_tokenizer,
-                   options, owns_engine=owns)
+                   options, owns_engine=owns, model_root=Path(root))
 
     def cosyvoice(self, folder: str) -> Any:
         with self._load_lock:
@@ -252,9 +272,9 @@ class Synthesizer:
         solver, decode, encode = self._graphs[folder]
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) not in self._warmed:
-            shapes = self.options.stream.schedule()
-            solver.warm(prompt, [f for f, _ in shapes] + [self.options.stream.window_frames])
-            decode.warm(h for _, h in shapes)
+            flow_frames, hift_frames, _ = self.window_shapes(model)
+            solver.warm(prompt, flow_frames)
+            decode.warm(hift_frames)
             self._warmed.add((folder, prompt))
         return solver, decode, encode
 
@@ -279,6 +299,10 @@ class Synthesizer:
         if self.on_round is not None:
             self.on_round(stats)
 
+    def stream_options(self) -> StreamOptions:
+        """How a clause is chunked: ``batched_stream`` when batching, else ``stream``."""
+        return self.options.batched_stream if self.batching else self.options.stream
+
     def runner(self, folder: str) -> BatchRunner:
         """The batch runner of one vocoder folder (CUDA graphs per batch shape on a GPU)."""
         with self._load_lock:
@@ -288,11 +312,16 @@ class Synthesizer:
         model = self.cosyvoice(folder)
         runner = BatchRunner(model.flow, model.hift, self.options.stream.n_timesteps)
         if self.options.cuda_graphs and torch.device(model.device).type == "cuda":
-            from stepaudio.tts.cuda_graphs import GraphedBatchDecode, GraphedBatchSolver
+            from stepaudio.tts.cuda_graphs import (
+                GraphedBatchDecode,
+                GraphedBatchEncoder,
+                GraphedBatchSolver,
+            )
 
             rows = self.options.max_batch_rows
             runner.solver = GraphedBatchSolver(runner, rows)
             runner.decoder = GraphedBatchDecode(model.hift, rows)
+            runner.encoder = GraphedBatchEncoder(runner, rows)
         with self._load_lock:
             return self._runners.setdefault(folder, runner)
 
@@ -306,17 +335,25 @@ class Synthesizer:
         prompt = int(feats.prompt_feat.shape[1])
         if (folder, prompt) in self._warmed or not hasattr(runner.solver, "warm"):
             return 0
-        opt = self.options.stream
-        shapes = opt.schedule() + later_clause_options(opt).schedule()
+        flow_frames, hift_frames, most = self.window_shapes(self.cosyvoice(folder))
         top = self.options.max_batch_rows
         rows = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
-        padded = {runner.bucket(prompt + n) for n in range(1, opt.window_frames + 1)}
+        padded = {runner.bucket(prompt + n) for n in range(1, max(flow_frames) + 1)}
         solver, decoder = runner.solver, runner.decoder
         n = solver.warm(rows, padded, padded=True)  # type: ignore[attr-defined]
-        n += decoder.warm(rows, {h for _, h in shapes} | {opt.hift_window_frames})  # type: ignore[attr-defined]
+        n += decoder.warm(rows, set(hift_frames))  # type: ignore[attr-defined]
+        tokens = int(feats.prompt_token.shape[1])
+        n += runner.encoder.warm(rows, range(tokens + 1, tokens + most + 1))  # type: ignore[attr-defined]
         self._warmed.add((folder, prompt))
         log.info("tts: %d batched vocoder graphs captured for a %d-frame prompt", n, prompt)
         return n
+
+    def window_shapes(self, model: Any) -> tuple[list[int], list[int], int]:
+        """(flow target frames, HiFT frames, most target tokens a window encodes) of this
+        synthesizer's streaming windows, first and later clauses' (:func:`later_clause_options`)."""
+        opt = self.stream_options()
+        return window_shapes(self.streaming, model, low_latency=(opt, later_clause_options(opt)),
+                             cosyvoice=self.options.cosyvoice)
 
     def prepare(self, folder: str, feats: SpeakerFeatures) -> tuple[Any, Any, Any]:
         """Whatever a stream on ``folder`` in this voice needs before its first chunk (call on
@@ -407,7 +444,7 @@ class Synthesizer:
             return await asyncio.wrap_future(self.scheduler.call(fn))
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def vocode(self, st: StreamingToken2Wav, folder: str, *, deadline: float, first: bool,
+    async def vocode(self, st: Token2WavStream, folder: str, *, deadline: float, first: bool,
                      cancelled: Callable[[], bool],
                      then: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """The stream's next chunk: batched with other streams' through the scheduler, or
@@ -419,7 +456,7 @@ class Synthesizer:
                                                          first=first, cancelled=cancelled,
                                                          then=then))
 
-    def submit_chunk(self, st: StreamingToken2Wav, folder: str, *, deadline: float, first: bool,
+    def submit_chunk(self, st: Token2WavStream, folder: str, *, deadline: float, first: bool,
                      cancelled: Callable[[], bool],
                      then: Callable[[np.ndarray], None] | None = None
                      ) -> concurrent.futures.Future[np.ndarray]:
@@ -464,7 +501,7 @@ class SpeechStream:
         #: chunk's deadline (the moment their audio would run out) follows.
         self._play_start: float | None = None
         #: The next chunk, already queued on the vocoder thread by the one before it.
-        self._ahead: tuple[StreamingToken2Wav, concurrent.futures.Future[np.ndarray]] | None = None
+        self._ahead: tuple[Token2WavStream, concurrent.futures.Future[np.ndarray]] | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._finished = False
 
@@ -573,11 +610,12 @@ class SpeechStream:
         folder = vocoder_folder(clause)
         model = await asyncio.to_thread(synth.cosyvoice, folder)
         solver, decode, encode = await synth.run_model(lambda: synth.prepare(folder, feats))
-        opts = synth.options.stream
+        opts = synth.stream_options()
         if index > 0:  # the listener already has audio: later clauses start with a full hop
             opts = later_clause_options(opts)
-        st = StreamingToken2Wav(model, feats, opts, seed=self.seed + index, solver=solver,
-                                decode=decode, encode=encode)
+        st = open_token2wav(synth.streaming, model, feats, low_latency=opts,
+                            cosyvoice=synth.options.cosyvoice, seed=self.seed + index,
+                            solver=solver, decode=decode, encode=encode)
         return _Clause(index, clause, folder, feats, model, st)
 
     async def _generate(self, job: _Clause) -> None:
@@ -594,7 +632,7 @@ class SpeechStream:
         if limit <= 1:
             raise TTSPromptError(f"clause too long for the TTS context ({len(prompt)} tokens)")
         params = tts_sampling_params(limit, seed=self.seed + index,
-                                     in_process_rule=getattr(engine, "name", "") == "transformers")
+                                     repetition_rule=getattr(engine, "repetition_rule", True))
         filt = AudioTokenFilter()
         if report.first_request_at is None:
             report.first_request_at = time.perf_counter()
@@ -636,7 +674,7 @@ class SpeechStream:
                 else:
                     break
 
-    async def _chunk(self, st: StreamingToken2Wav, folder: str) -> np.ndarray:
+    async def _chunk(self, st: Token2WavStream, folder: str) -> np.ndarray:
         if self._cancel.is_set():
             raise asyncio.CancelledError
         ahead, self._ahead = self._ahead, None
@@ -653,7 +691,7 @@ class SpeechStream:
             raise asyncio.CancelledError
         return wav
 
-    def _queue_next(self, st: StreamingToken2Wav, folder: str, pcm: np.ndarray) -> None:
+    def _queue_next(self, st: Token2WavStream, folder: str, pcm: np.ndarray) -> None:
         """On the vocoder thread, as a chunk is done: if the stream's next chunk has its tokens,
         queue it now for the next round (its deadline: when the audio so far runs out)."""
         if self._cancel.is_set() or not st.ready():

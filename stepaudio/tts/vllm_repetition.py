@@ -1,22 +1,28 @@
 """The TTS-3B repetition rule as vLLM logits processors (read in the vLLM 0.33.0 wheel).
 
 vLLM 0.33 has no per-request Python callables in ``SamplingParams``; custom processors are
-classes loaded once per engine by fully-qualified name and applied to the whole batch:
+classes loaded once per engine by fully-qualified name (``--logits-processors MODULE:CLASS``,
+``importlib.import_module`` in both the API server, which validates requests with the class's
+``validate_params``, and the model runner) and applied to the whole batch:
 
-- Model Runner V2 (the default where Triton is available):
-  ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`` — ``add_request(slot, params)``,
-  ``apply(logits, ctx)``; the token history is on the GPU in ``req_states.all_token_ids``
-  (prompt + committed output, valid up to ``total_len``), draft tokens of speculative decoding
-  in ``ctx.input_ids``. :class:`RepetitionAwareV2` reads the last ten ids there, with tensor ops
-  only (no host sync per step).
+- Model Runner V2 (the default where Triton is available, so on every CUDA GPU unless a feature
+  it lacks sends vLLM back to V1): ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor``
+  — ``__init__(vllm_config, req_states)``, ``add_request(slot, params)``, ``apply(logits, ctx)``;
+  the token history is on the GPU in ``req_states.all_token_ids`` (prompt + committed output,
+  valid up to ``total_len``), draft tokens of speculative decoding in ``ctx.input_ids``.
+  :class:`RepetitionAwareV2` reads the last ten ids there, with tensor ops only (no host sync per
+  step). vLLM's V2 loader refuses a class that is not a V2 processor, so a server that ends up on
+  the V1 runner fails at start-up instead of sampling without the rule.
 - The V1 runner (``VLLM_USE_V2_MODEL_RUNNER=0``): ``AdapterLogitsProcessor`` wrapping a
   per-request ``(prompt_ids, output_ids, logits)`` callable: :class:`RepetitionAwareV1`.
 
-Register one on the TTS-3B server, e.g.
-``vllm serve … --logits-processors stepaudio.tts.vllm_repetition:RepetitionAwareV2``
-(in-process: ``AsyncEngineArgs(logits_processors=[…])``); stepaudio must be importable in vLLM's
-environment. The rule is on for every request of that server (it serves only TTS); a request can
-turn it off with ``extra_args={"stepaudio_repetition": False}``.
+``stepaudio vllm-command --tts`` starts the TTS-3B server with
+``--logits-processors stepaudio.tts.vllm_repetition:RepetitionAwareV2``; stepaudio must be
+importable in vLLM's environment (docs/vllm.md). A request switches the rule with
+``SamplingParams.extra_args[REPETITION_XARG]`` (``vllm_xargs`` in the OpenAI API; JSON ``true``
+arrives there as 1): our client sends 1 with every TTS request, 0 turns it off, and a request that
+says nothing gets it (the server serves only TTS-3B, which the reference always samples with
+the rule).
 
 Without vLLM installed this module still imports (the base classes fall back to ``object``), so
 the batch logic is tested here on CPU tensors.
@@ -30,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepaudio.llm.engine import REPETITION_XARG
 from stepaudio.tts.sampling import REPETITION_MAX_RATIO, REPETITION_WINDOW, repetition_banned_token
 
 try:  # pragma: no cover - depends on the optional extra
@@ -41,13 +48,21 @@ try:  # pragma: no cover
 except ImportError:  # pragma: no cover
     _V1Base = object  # type: ignore[assignment,misc]
 
-EXTRA_ARGS_KEY = "stepaudio_repetition"
+EXTRA_ARGS_KEY = REPETITION_XARG
 
 
 def rule_enabled(params: Any) -> bool:
     """On unless the request's ``extra_args`` switch it off."""
     extra = getattr(params, "extra_args", None) or {}
     return bool(extra.get(EXTRA_ARGS_KEY, True))
+
+
+def check_switch(params: Any) -> None:
+    """The switch must be 0/1 (or true/false): anything else is an error for that request."""
+    extra = getattr(params, "extra_args", None) or {}
+    value = extra.get(EXTRA_ARGS_KEY, 1)
+    if isinstance(value, str) or value not in (0, 1):
+        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be 1 or 0 (true or false)")
 
 
 def ban_repeats_batch(logits: torch.Tensor, all_token_ids: torch.Tensor, total_len: torch.Tensor,
@@ -96,9 +111,7 @@ class RepetitionAwareV2(_V2Base):  # type: ignore[misc,valid-type]
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
-        extra = getattr(sampling_params, "extra_args", None) or {}
-        if EXTRA_ARGS_KEY in extra and not isinstance(extra[EXTRA_ARGS_KEY], bool):
-            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be true or false")
+        check_switch(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
         on = rule_enabled(sampling_params)
@@ -132,6 +145,10 @@ def _row_rule(prompt_ids: Sequence[int], output_ids: Sequence[int], logits: torc
 class RepetitionAwareV1(_V1Base):  # type: ignore[misc,valid-type]
     """V1 model runner: vLLM's adapter around a per-request callable."""
 
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        check_switch(sampling_params)
+
     def is_argmax_invariant(self) -> bool:
         return False  # it can remove the top token
 
@@ -139,4 +156,4 @@ class RepetitionAwareV1(_V1Base):  # type: ignore[misc,valid-type]
         return _row_rule if rule_enabled(params) else None
 
 
-__all__ = ["RepetitionAwareV1", "RepetitionAwareV2", "ban_repeats_batch", "rule_enabled"]
+__all__ = ["RepetitionAwareV1", "RepetitionAwareV2", "ban_repeats_batch", "check_switch", "rule_enabled"]

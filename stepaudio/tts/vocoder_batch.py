@@ -95,15 +95,8 @@ class MaskedEstimator(FastEstimator):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         d = self.dec
-        dtype = d.final_proj.weight.dtype
-        mask = mask.to(dtype)
-        t = d.time_mlp(d.time_embeddings(t).to(t.dtype)).to(dtype)
-        parts = [x, mu]
-        if spks is not None:
-            parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        if cond is not None:
-            parts.append(cond)
-        x = torch.cat(parts, dim=1).to(dtype)
+        x, t = self._inputs(x, mu, t, spks, cond)
+        mask = mask.to(x.dtype)
         hiddens, masks = [], [mask]
         for resnet, transformers, downsample in d.down_blocks:
             m = masks[-1]
@@ -195,6 +188,8 @@ class BatchRunner:
         self.solver: Callable[..., torch.Tensor] = self.eager_solve
         #: (mel, source) → wav for a (B, 80, L) batch of equal lengths.
         self.decoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = hift.decode
+        #: (ids (B, N), lengths (B,) or None) → (B, N, 80): the flow's token encoder.
+        self.encoder: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = self.eager_encode
         self.calls: dict[str, int] = defaultdict(int)
         self.rows: dict[str, int] = defaultdict(int)
 
@@ -226,15 +221,20 @@ class BatchRunner:
         q = self.length_bucket
         return -(-n // q) * q
 
-    def encode(self, reqs: Sequence[Encode]) -> list[torch.Tensor]:
+    def eager_encode(self, ids: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
         flow = self.flow
+        with torch.inference_mode():
+            return flow.encoder_proj(flow.encoder(flow.input_embedding(torch.clamp(ids, min=0)),
+                                                  lens))
+
+    def encode(self, reqs: Sequence[Encode]) -> list[torch.Tensor]:
         lens = [int(r.ids.shape[0]) for r in reqs]
         n = max(lens)
         ids = torch.zeros(len(reqs), n, dtype=torch.long, device=self.device)
         for i, r in enumerate(reqs):
             ids[i, : lens[i]] = r.ids
         xs_lens = None if min(lens) == n else torch.tensor(lens, device=self.device)
-        h = flow.encoder_proj(flow.encoder(flow.input_embedding(torch.clamp(ids, min=0)), xs_lens))
+        h = self.encoder(ids, xs_lens)
         return [h[i, : lens[i]] for i in range(len(reqs))]
 
     def regulate(self, reqs: Sequence[Regulate]) -> list[torch.Tensor]:

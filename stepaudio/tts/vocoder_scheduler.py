@@ -109,6 +109,7 @@ class VocoderScheduler:
         self.rounds = 0
         self._sync = os.environ.get("STEPAUDIO_VOCODER_SYNC") == "1"
         self._batch_s = 0.0
+        self._profile: dict[str, float] = {}  # with _sync: seconds per stage and host
 
     # -- client side ---------------------------------------------------------------------------
     def submit(self, runner: BatchRunner, work: ChunkWork, *, deadline: float, first: bool,
@@ -220,9 +221,28 @@ class VocoderScheduler:
                 self._run_batch(jobs)
             rows[stage.__name__] = rows.get(stage.__name__, 0) + min(len(ready), self.max_rows)
         self.rounds += 1
+        if self._sync:
+            self._log_profile(rows, time.perf_counter() - t0)
         if self.on_round is not None and rows:
             self.on_round(RoundStats(rows, time.perf_counter() - t0, len(self._active),
                                      self._batch_s))
+
+    def _log_profile(self, rows: dict[str, int], seconds: float) -> None:
+        """STEPAUDIO_VOCODER_SYNC=1: every 50 rounds, where a round's time went (ms per round:
+        each stage's batched calls on the device, and host work: the streams' own code)."""
+        p = self._profile
+        p["round"] = p.get("round", 0.0) + seconds
+        p["rows"] = p.get("rows", 0.0) + rows.get("Solve", 0)
+        if self.rounds % 50:
+            return
+        n = 50.0
+        stages = {k: v for k, v in p.items() if k not in ("round", "rows")}
+        host = p["round"] - sum(stages.values())
+        log.info("vocoder profile, last 50 rounds: %.1f flow rows a round; ms a round: %s, "
+                 "host %.1f, total %.1f", p["rows"] / n,
+                 ", ".join(f"{k} {1000 * v / n:.1f}" for k, v in sorted(stages.items())),
+                 1000 * host / n, 1000 * p["round"] / n)
+        self._profile = {}
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         runner = jobs[0].runner
@@ -230,7 +250,9 @@ class VocoderScheduler:
         try:
             results = runner.run([j.request for j in jobs])  # type: ignore[misc]
             if self._sync and runner.device.type == "cuda":
-                torch.cuda.synchronize(runner.device)
+                torch.cuda.current_stream(runner.device).synchronize()
+                kind = type(jobs[0].request).__name__
+                self._profile[kind] = self._profile.get(kind, 0.0) + time.perf_counter() - t0
         except Exception as exc:  # one failed batch ends its chunks, not the thread
             log.exception("vocoder batch of %d %s requests failed", len(jobs),
                           type(jobs[0].request).__name__)

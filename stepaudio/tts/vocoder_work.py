@@ -14,7 +14,7 @@ Shapes are per stream, without a batch axis; tensors live on the vocoder's devic
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,6 +68,15 @@ Request = Encode | Regulate | Solve | PredictF0 | Decode
 #: One chunk: yields requests, is sent each result, returns float32 PCM (possibly empty).
 ChunkWork = Generator[Request, torch.Tensor, np.ndarray]
 
+#: (mu, mask, spks, cond, noise) → mel (1, 80, T): the estimator's Euler steps (eager or a
+#: captured CUDA graph).
+Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                  torch.Tensor]
+#: HiFT's decode (mel, source) → wav, eager or captured.
+DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: The flow's token encoder: ids (1, n) → (1, n, 80) projected features, eager or captured.
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+
 
 class VocoderModels(Protocol):
     """What the requests run on: a flow (MaskedDiffWithXvec) and a HiFT generator."""
@@ -98,6 +107,32 @@ def run_one(models: VocoderModels, request: Request, n_timesteps: int = 10) -> t
         if isinstance(request, Decode):
             return hift.decode(request.mel[None], request.source.view(1, 1, -1))[0]
     raise TypeError(f"not a vocoder request: {type(request).__name__}")
+
+
+@dataclass(frozen=True)
+class AloneRunner:
+    """Runs one stream's requests one at a time (``next_chunk()`` without a scheduler): through
+    the stream's accelerated callables where it was given them (captured CUDA graphs), else
+    eagerly with :func:`run_one`."""
+
+    models: VocoderModels
+    n_timesteps: int = 10
+    solver: Solver | None = None
+    decode: DecodeFn | None = None
+    encode: EncodeFn | None = None
+
+    @torch.inference_mode()
+    def __call__(self, request: Request) -> torch.Tensor:
+        if isinstance(request, Encode) and self.encode is not None:
+            return self.encode(request.ids[None])[0]
+        if isinstance(request, Solve) and self.solver is not None:
+            mu = request.mu[None]
+            mask = torch.ones(1, 1, mu.shape[-1], device=mu.device, dtype=mu.dtype)
+            return self.solver(mu, mask, request.spks[None], request.cond[None],
+                               request.noise[None])[0]
+        if isinstance(request, Decode) and self.decode is not None:
+            return self.decode(request.mel[None], request.source.view(1, 1, -1))[0]
+        return run_one(self.models, request, self.n_timesteps)
 
 
 def run_now(work: ChunkWork, run: Any) -> np.ndarray:
