@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -352,6 +353,15 @@ class OpenAIEngine:
             health_path=cfg.health_path,
             health_check_interval_s=cfg.health_check_interval_s,
         )
+
+    def single(self, url: str) -> OpenAIEngine:
+        """An engine like this one on the pool's endpoint ``url`` alone (to check each replica
+        of a pool at start-up); it shares nothing that needs closing with this one."""
+        twin = copy.copy(self)
+        twin.pool = EndpointPool([url], check_interval_s=self.pool.check_interval_s)
+        twin.base_url = url
+        twin._clients, twin._checkers = {}, {}
+        return twin
 
     def generate(
         self,
