@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -61,11 +62,7 @@ def speech(name: str, max_s: float = 3.0) -> bytes:
 
 
 def _common(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return len(os.path.commonprefix([a, b]))
 
 
 def vllm_hits(requests: list[dict[str, Any]]) -> list[int]:

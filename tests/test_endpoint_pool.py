@@ -14,8 +14,10 @@ import json
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 
 import pytest
+from openai_server import _read_request as read_request
 
 from server.metrics import Metrics
 from stepaudio.config import config_from_dict, endpoint_urls
@@ -55,13 +57,7 @@ class ScriptedEndpoint:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            method, path, _ = head.decode("latin-1").split("\r\n")[0].split(" ", 2)
-            length = 0
-            for line in head.decode("latin-1").split("\r\n")[1:]:
-                if line.lower().startswith("content-length:"):
-                    length = int(line.split(":", 1)[1])
-            body = await reader.readexactly(length) if length else b""
+            method, path, body = await read_request(reader)
             if path == "/health":
                 status = "200 OK" if self.healthy else "503 Service Unavailable"
                 writer.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n"
@@ -121,14 +117,25 @@ async def _ask(engine: OpenAIEngine, conversation: str | None) -> str:
     return gen.endpoint.url  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def _pair(**kw) -> AsyncIterator[tuple[OpenAIEngine, ScriptedEndpoint, ScriptedEndpoint]]:
+    """Two live endpoints and an engine whose pool is them; all closed afterwards."""
+    a, b = await ScriptedEndpoint().start(), await ScriptedEndpoint().start()
+    engine = _engine([a.url, b.url], **kw)
+    try:
+        yield engine, a, b
+    finally:
+        await engine.aclose()
+        await a.stop()
+        await b.stop()
+
+
 def _key_homed_at(pool: EndpointPool, url: str) -> str:
     return next(k for k in (f"sess_{i}" for i in range(1000)) if pool.home(k).url == url)
 
 
 async def test_a_conversation_sticks_to_one_endpoint_and_conversations_spread():
-    a, b = await ScriptedEndpoint().start(), await ScriptedEndpoint().start()
-    engine = _engine([a.url, b.url])
-    try:
+    async with _pair() as (engine, a, b):
         homes = {}
         for i in range(12):
             key = f"sess_{i}"
@@ -138,10 +145,6 @@ async def test_a_conversation_sticks_to_one_endpoint_and_conversations_spread():
             assert homes[key] == engine.pool.home(key).url
         assert set(homes.values()) == {a.url, b.url}  # both carry conversations
         assert a.completions + b.completions == 36
-    finally:
-        await engine.aclose()
-        await a.stop()
-        await b.stop()
 
 
 async def test_a_refused_connection_moves_the_request_to_the_next_endpoint_at_once():
@@ -162,9 +165,7 @@ async def test_a_refused_connection_moves_the_request_to_the_next_endpoint_at_on
 
 
 async def test_a_stream_dropped_mid_reply_fails_that_request_and_the_next_goes_elsewhere():
-    a, b = await ScriptedEndpoint().start(), await ScriptedEndpoint().start()
-    engine = _engine([a.url, b.url], health_check_interval_s=60)  # no probe puts it back here
-    try:
+    async with _pair(health_check_interval_s=60) as (engine, a, b):  # no probe puts it back here
         key = _key_homed_at(engine.pool, a.url)
         assert await _ask(engine, key) == a.url
         a.reset_after = 1
@@ -174,17 +175,11 @@ async def test_a_stream_dropped_mid_reply_fails_that_request_and_the_next_goes_e
         assert await _ask(engine, key) == b.url  # the conversation continues on the other one
         other = _key_homed_at(engine.pool, b.url)
         assert await _ask(engine, other) == b.url  # b's own conversations did not move
-    finally:
-        await engine.aclose()
-        await a.stop()
-        await b.stop()
 
 
 async def test_an_endpoint_failing_its_health_check_is_taken_out_and_comes_back():
-    a, b = await ScriptedEndpoint().start(), await ScriptedEndpoint().start()
-    engine = _engine([a.url, b.url], health_check_interval_s=0.05)
-    ep_a = next(e for e in engine.pool if e.url == a.url)
-    try:
+    async with _pair(health_check_interval_s=0.05) as (engine, a, b):
+        ep_a = next(e for e in engine.pool if e.url == a.url)
         key = _key_homed_at(engine.pool, a.url)
         assert await _ask(engine, key) == a.url  # starts the probe in this loop
         a.healthy = False
@@ -201,10 +196,6 @@ async def test_an_endpoint_failing_its_health_check_is_taken_out_and_comes_back(
             await asyncio.sleep(0.02)
         assert ep_a.up
         assert await _ask(engine, key) == a.url  # home again (its prefix cache is there)
-    finally:
-        await engine.aclose()
-        await a.stop()
-        await b.stop()
 
 
 async def test_with_every_endpoint_out_requests_still_try_them():
@@ -233,23 +224,15 @@ async def test_every_endpoint_refusing_fails_cleanly_after_the_retries():
 
 
 async def test_requests_of_no_conversation_go_to_the_least_busy_endpoint():
-    a, b = await ScriptedEndpoint().start(), await ScriptedEndpoint().start()
-    engine = _engine([a.url, b.url])
-    try:
+    async with _pair() as (engine, a, b):
         await asyncio.gather(*(_ask(engine, None) for _ in range(8)))
         assert a.completions >= 2 and b.completions >= 2
-    finally:
-        await engine.aclose()
-        await a.stop()
-        await b.stop()
 
 
 async def test_metrics_show_each_endpoint_and_its_cache_hits():
-    a, b = await ScriptedEndpoint().start(), await ScriptedEndpoint().start()
-    engine = _engine([a.url, b.url])
-    metrics = Metrics()
-    metrics.backends.pools = {"chat": engine.pool}
-    try:
+    async with _pair() as (engine, a, b):
+        metrics = Metrics()
+        metrics.backends.pools = {"chat": engine.pool}
         await _ask(engine, _key_homed_at(engine.pool, a.url))
         engine.pool.mark_down(next(e for e in engine.pool if e.url == b.url), "test")
         text = metrics.render().decode()
@@ -258,10 +241,6 @@ async def test_metrics_show_each_endpoint_and_its_cache_hits():
         assert f'stepaudio_backend_requests_total{{endpoint="{a.url}",pool="chat"}} 1.0' in text
         assert (f'stepaudio_backend_cached_prompt_tokens_total{{endpoint="{a.url}",pool="chat"}}'
                 ' 4.0') in text
-    finally:
-        await engine.aclose()
-        await a.stop()
-        await b.stop()
 
 
 def test_endpoint_lists_in_the_config():

@@ -5,7 +5,9 @@ finish before closing with 1001."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -23,11 +25,23 @@ async def _get(port: int, path: str) -> httpx.Response:
         return await http.get(f"http://127.0.0.1:{port}{path}")
 
 
-async def _server(shared: Server, **server) -> Server:
+@contextlib.asynccontextmanager
+async def _serving(shared: Server, **server) -> AsyncIterator[Server]:
+    """A server of its own on the shared server's models, stopped afterwards."""
     srv = Server(server_config(**server), None, stages=shared.stages)
     await srv.start()
     await srv.load()
-    return srv
+    try:
+        yield srv
+    finally:
+        await srv.stop(grace_s=0.1)
+
+
+async def _busy(srv: Server, tokens: int) -> tuple[RealtimeClient, int]:
+    """A session with a reply of up to ``tokens`` tokens in flight; and where its events began."""
+    c = await RealtimeClient.open(srv.port)
+    await c.wait_for("session.created")
+    return c, await _ask(c, tokens)
 
 
 async def _ask(c: RealtimeClient, tokens: int) -> int:
@@ -41,8 +55,7 @@ async def _ask(c: RealtimeClient, tokens: int) -> int:
 
 
 async def test_readyz_is_503_while_the_server_is_full(server):
-    srv = await _server(server, max_sessions=1)
-    try:
+    async with _serving(server, max_sessions=1) as srv:
         c = await RealtimeClient.open(srv.port)
         await c.wait_for("session.created")
         r = await _get(srv.port, "/readyz")
@@ -56,33 +69,26 @@ async def test_readyz_is_503_while_the_server_is_full(server):
                 break
             await asyncio.sleep(0.02)
         assert (await _get(srv.port, "/readyz")).status_code == 200
-    finally:
-        await srv.stop(grace_s=0.1)
 
 
 async def test_connections_arriving_together_past_the_cap_get_http_503(server):
-    srv = await _server(server, max_sessions=2)
-
-    async def attempt() -> object:
+    async def attempt(port: int) -> object:
         try:
-            return await connect(f"ws://127.0.0.1:{srv.port}/v1/realtime")
+            return await connect(f"ws://127.0.0.1:{port}/v1/realtime")
         except InvalidStatus as exc:
             return exc.response.status_code
 
-    try:
-        results = await asyncio.gather(*(attempt() for _ in range(6)))
+    async with _serving(server, max_sessions=2) as srv:
+        results = await asyncio.gather(*(attempt(srv.port) for _ in range(6)))
         opened = [r for r in results if not isinstance(r, int)]
         assert len(opened) == 2 and sorted(r for r in results if isinstance(r, int)) == [503] * 4
         for ws in opened:  # the two admitted are real sessions, not closed with 1013
             assert '"session.created"' in await asyncio.wait_for(ws.recv(), 10)
             await ws.close()
-    finally:
-        await srv.stop(grace_s=0.1)
 
 
 async def test_a_drain_lets_the_turn_in_flight_finish_then_closes_with_1001(server):
-    srv = await _server(server)
-    try:
+    async with _serving(server) as srv:
         busy = await RealtimeClient.open(srv.port)
         idle = await RealtimeClient.open(srv.port)
         await busy.wait_for("session.created")
@@ -107,16 +113,11 @@ async def test_a_drain_lets_the_turn_in_flight_finish_then_closes_with_1001(serv
         assert len(done) == 1 and done[0]["response"]["status"] in ("completed", "incomplete")
         await asyncio.wait_for(drain, 5)
         assert time.perf_counter() - t0 < 30
-    finally:
-        await srv.stop(grace_s=0.1)
 
 
 async def test_the_grace_ends_a_turn_that_runs_too_long(server):
-    srv = await _server(server)
-    try:
-        c = await RealtimeClient.open(srv.port)
-        await c.wait_for("session.created")
-        mark = await _ask(c, 200)
+    async with _serving(server) as srv:
+        c, mark = await _busy(srv, 200)
         (session,) = srv.sessions
         assert turn_in_flight(session)
         t0 = time.perf_counter()
@@ -125,16 +126,11 @@ async def test_the_grace_ends_a_turn_that_runs_too_long(server):
         assert code == 1001 and time.perf_counter() - t0 < 3.0
         done = [e for e in c.events[mark:] if e["type"] == "response.done"]
         assert [d["response"]["status"] for d in done] == ["cancelled"]
-    finally:
-        await srv.stop(grace_s=0.1)
 
 
 async def test_a_second_signal_cuts_the_grace_short(server):
-    srv = await _server(server)
-    try:
-        c = await RealtimeClient.open(srv.port)
-        await c.wait_for("session.created")
-        await _ask(c, 200)
+    async with _serving(server) as srv:
+        c, _ = await _busy(srv, 200)
         t0 = time.perf_counter()
         drain = asyncio.create_task(srv.drain(grace_s=60))
         await asyncio.sleep(0.2)
@@ -143,5 +139,3 @@ async def test_a_second_signal_cuts_the_grace_short(server):
         await asyncio.wait_for(drain, 5)
         assert (await asyncio.wait_for(c.closed, 5))[0] == 1001
         assert time.perf_counter() - t0 < 5
-    finally:
-        await srv.stop(grace_s=0.1)
