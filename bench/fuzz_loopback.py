@@ -30,7 +30,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.loadtest import SpawnedServer
+from server.instruments.loadtest import SpawnedServer
 
 TYPES = ["session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
          "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",

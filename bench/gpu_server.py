@@ -2,9 +2,9 @@
 
 One ``stepaudio serve`` (default ``configs/gpu-random.yaml``: the speech models at their
 published shapes with random weights, the chat model a stand-in with the 130B's timing) and the
-project's load client (``server/loadtest.py``) over loopback, for each N in ``--sessions``: every
-session streams real speech in real time (20 ms appends), ``--turns`` times, with ``--gap-secs``
-of silence after each utterance, sessions starting at random offsets. Per N it records what a
+project's load client (``server/instruments/loadtest.py``) over loopback, for each N in
+``--sessions``: every session streams real speech in real time (20 ms appends), ``--turns`` times,
+with ``--gap-secs`` of silence after each utterance, sessions starting at random offsets. Per N it records what a
 user hears (end of speech → first reply audio, commit → first audio, gaps in playback as a
 real-time player with no jitter buffer and with a 100 ms one would hear them), what the speech
 side costs (TTS request → first audio, GPU busy share, GPU-seconds per second of reply audio,
@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from server.loadtest import (  # noqa: E402
+from server.instruments.loadtest import (  # noqa: E402
     SpawnedServer,
     _cpu_seconds,
     analyse,

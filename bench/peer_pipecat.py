@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.loadtest import (  # noqa: E402
+from server.instruments.loadtest import (  # noqa: E402
     SpawnedServer,
     build_plan,
     http_get,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from server.loadtest import SpawnedServer
+from server.instruments.loadtest import SpawnedServer
 from stepaudio.config import ServerConfig
 
 

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import server.app as app  # noqa: E402
+from server.instruments.zero_cost import zero_cost_stages  # noqa: E402
 from server.workers import TokenizerStage  # noqa: E402
-from server.zero_cost import zero_cost_stages  # noqa: E402
 from stepaudio.audio import load_audio, resample  # noqa: E402
 from stepaudio.config import Config  # noqa: E402
 from stepaudio.tiny import ensure_tiny_models  # noqa: E402
@@ -74,7 +74,7 @@ async def stream(ws, pcm: bytes) -> None:  # type: ignore[no-untyped-def]
 
 
 async def run(wav: Path, turns: int, speculative: bool) -> list[dict[str, float]]:
-    app.load_stages = real_tokenizer_stages
+    app.build_stages = real_tokenizer_stages
     cfg = Config()
     root = ensure_tiny_models(cfg.models.resolved_root(), seed=cfg.models.seed)
     cfg.server.port = 0
@@ -85,6 +85,7 @@ async def run(wav: Path, turns: int, speculative: bool) -> list[dict[str, float]
     await srv.start()
     await srv.load()
     timings: list[dict[str, float]] = []
+    arrived = asyncio.Event()
     speech = pcm16(wav)
     silence = lambda ms: bytes(2 * int(RATE * ms / 1000))  # noqa: E731
     async with connect(f"ws://127.0.0.1:{srv.port}/v1/realtime", max_size=None) as ws:
@@ -94,13 +95,13 @@ async def run(wav: Path, turns: int, speculative: bool) -> list[dict[str, float]
                 event = json.loads(message)
                 if event["type"] == "stepaudio.timings":
                     timings.append(event["timings_ms"])
+                    arrived.set()
 
         task = asyncio.create_task(reader())
         for _ in range(turns):
-            before = len(timings)
+            arrived.clear()
             await stream(ws, silence(300) + speech + silence(1500))
-            while len(timings) == before:
-                await asyncio.sleep(0.05)
+            await arrived.wait()
             await asyncio.sleep(1.2)  # the stand-in's 1 s reply plays out
         task.cancel()
     await srv.stop(1)

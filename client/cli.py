@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import time
+from typing import Any
 
 from client.dialogue import Dialogue
 from client.playback import Player, Recorder, SpeakerPlayer, import_sounddevice
@@ -102,12 +104,12 @@ async def _say_files(d: Dialogue, files: list, args: argparse.Namespace) -> None
     for i, speech in enumerate(files):
         if i:
             if args.interrupt_after is not None:
-                await d.wait_for(lambda s=started: d.reply_audio_since(s) is not None,
+                await d.wait_for(functools.partial(d.reply_audio_since, started),
                                  args.timeout, f"the reply to {args.inputs[i - 1]}")
                 await asyncio.sleep(args.interrupt_after / 1000.0)
             else:
-                await d.wait_for(lambda s=started: d.reply_finished_since(s), args.timeout,
-                                 f"the reply to {args.inputs[i - 1]}")
+                await d.wait_for(functools.partial(d.reply_finished_since, started),
+                                 args.timeout, f"the reply to {args.inputs[i - 1]}")
                 await asyncio.sleep(args.gap_ms / 1000.0)
         started = time.monotonic()
         d.say("you", f"saying {args.inputs[i]} ({speech.size / 24000:.1f} s)")
@@ -147,7 +149,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.mic:
         sender = asyncio.create_task(d.send_stream(microphone(args.chunk_ms)))
         d.say("you", "listening to the microphone; Ctrl-C ends the session")
-        script = asyncio.create_task(asyncio.Event().wait())
+        script: asyncio.Task[Any] = asyncio.create_task(asyncio.Event().wait())
     else:
         sender = asyncio.create_task(d.send_paced(stop))
         script = asyncio.create_task(_say_files(d, files, args))

@@ -105,6 +105,7 @@ class Dialogue:
         self._line_open = False  # a bot transcript is being written inline
         self._bot_chars = 0
         self.changed = asyncio.Event()  # pulsed on every event, for the script's waits
+        self._sending: set[asyncio.Task[None]] = set()  # sends started from event handlers
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -216,9 +217,16 @@ class Dialogue:
         self.barge_ins += 1
         self.say("barge-in", f"playback flushed after {played_ms} ms of {item_id}; "
                  "truncating the reply to what was heard")
-        asyncio.get_running_loop().create_task(self.conn.send({
+        task = asyncio.get_running_loop().create_task(self.conn.send({
             "type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
             "audio_end_ms": played_ms}))
+        self._sending.add(task)  # referenced until sent: asyncio keeps only a weak reference
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled():
+            task.exception()  # a lost connection is reported by the reader, not here
 
     def _on_input_audio_buffer_speech_stopped(self, event: dict[str, Any]) -> None:
         end_ms = event.get("audio_end_ms")
@@ -306,8 +314,9 @@ class Dialogue:
 
     # -- waiting ----------------------------------------------------------------------------------
 
-    async def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-        """Wait until ``condition`` holds (checked on every event and every 50 ms)."""
+    async def wait_for(self, condition: Callable[[], object], timeout_s: float, what: str
+                       ) -> None:
+        """Wait until ``condition()`` is true (checked on every event and every 50 ms)."""
         deadline = time.monotonic() + timeout_s
         while not condition():
             left = deadline - time.monotonic()

@@ -18,6 +18,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from server.protocol.server_events import GA_NAMES  # beta name -> GA name of a server event
+
 #: Exit statuses of ``stepaudio client`` (documented in its --help and the README).
 EXIT_OK = 0
 EXIT_ERROR = 1  # bad input file, missing optional package, no reply in time
@@ -46,17 +48,6 @@ CLOSE_UNAUTHORIZED = 4001  # servers before HTTP refusals closed a wrong key wit
 
 SAMPLE_RATE = 24000  # pcm16 24 kHz mono: the protocol's default audio format, both directions
 
-#: GA and beta names of the same server event, folded to the GA name.
-_BETA_TO_GA = {
-    "response.audio.delta": "response.output_audio.delta",
-    "response.audio.done": "response.output_audio.done",
-    "response.audio_transcript.delta": "response.output_audio_transcript.delta",
-    "response.audio_transcript.done": "response.output_audio_transcript.done",
-    "response.text.delta": "response.output_text.delta",
-    "response.text.done": "response.output_text.done",
-    "conversation.item.created": "conversation.item.added",
-}
-
 
 class ClientError(Exception):
     """An expected failure with the exit status that names it."""
@@ -69,7 +60,7 @@ class ClientError(Exception):
 def event_type(event: dict[str, Any]) -> str:
     """The event's type under its GA name (beta servers name a few events differently)."""
     t = str(event.get("type", ""))
-    return _BETA_TO_GA.get(t, t)
+    return GA_NAMES.get(t, t)
 
 
 def encode_pcm16(samples: np.ndarray) -> str:

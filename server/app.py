@@ -3,8 +3,8 @@
 Routes (plain HTTP answers come from ``process_request``, before any WebSocket handshake):
 
 - ``/v1/realtime``: the OpenAI Realtime-compatible WebSocket (``docs/protocol.md``).
-- ``/``: the browser demo (``client/web/index.html``), or a page saying it is not built yet; other
-  files of ``client/web/`` are served by name.
+- ``/``: the browser demo (``client/web/index.html``); the other files of ``client/web/`` are
+  served by name.
 - ``/healthz``: 200 while the process runs. ``/readyz``: 200 while the server takes new sessions:
   every model loaded and warmed up (a real short turn went through every stage), not full
   (``max_sessions``), not draining; 503 otherwise, so a load balancer's health check sends new
@@ -56,9 +56,10 @@ from server.admission import (
     refusal,
     text_response,
 )
+from server.instruments import chat_engine, instrument_stages
 from server.metrics import CONTENT_TYPE, LoopLagMonitor, Metrics
-from server.protocol import dialect_from_handshake
-from server.session import Session, SessionEnv, default_session_config
+from server.protocol import default_session_config, dialect_from_handshake
+from server.session import Session, SessionEnv
 from server.workers import Stages, load_stages, warmup_audio
 from stepaudio.config import Config
 from stepaudio.systemd import notify
@@ -79,13 +80,12 @@ WEB_TYPES = {
     ".ico": "image/x-icon",
     ".wav": "audio/wav",
 }
-NOT_BUILT = """<!doctype html><meta charset="utf-8"><title>Step-Audio realtime server</title>
-<h1>Step-Audio realtime server</h1>
-<p>The server is running. The browser demo is not built yet (it will live in
-<code>client/web/</code>).</p>
-<p>Connect an OpenAI Realtime client to <code>ws://HOST:PORT/v1/realtime</code>;
-see <a href="/readyz">/readyz</a> and <a href="/metrics">/metrics</a>.</p>
-"""
+def build_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
+    """The stages the config asks for: a benchmark instrument's, or the models' (blocking)."""
+    stages = instrument_stages(cfg, root, metrics)
+    if stages is None:
+        stages = load_stages(cfg, root, metrics, chat_engine=chat_engine(cfg))
+    return stages
 
 
 def web_dir() -> Path:
@@ -170,10 +170,10 @@ class Server:
         if self.stages is None:
             self.state = "loading models"
             assert self.root is not None
-            self.stages = await asyncio.to_thread(load_stages, self.cfg, self.root, self.metrics)
+            self.stages = await asyncio.to_thread(build_stages, self.cfg, self.root, self.metrics)
         self.stages.pump.start()
         self.env = SessionEnv(self.cfg, self.stages, self.metrics,
-                              default_session_config(self.cfg))
+                              default_session_config(self.cfg.session))
         if self.cfg.server.warmup and not self.stages.warm:
             self.state = "warming up"
             wav, sr = warmup_audio()
@@ -300,8 +300,6 @@ class Server:
                                      WEB_TYPES[target.suffix])
         except (OSError, ValueError):  # a path no file can have (a NUL, too long): not found
             pass
-        if name == "index.html":
-            return http_response(HTTPStatus.OK, NOT_BUILT.encode(), WEB_TYPES[".html"])
         return text_response(HTTPStatus.NOT_FOUND, f"no such page: {path[:200]}\n")
 
     # -- WebSocket --------------------------------------------------------------------------------
@@ -355,14 +353,14 @@ def turn_in_flight(session: Session) -> bool:
         return False
     if session.controller.state in ("user_speaking", "user_paused") or session.outbox.bytes:
         return True
-    now = time.perf_counter()
-    for r in session.replies.values():
+    now = session.wall()
+    conv = session.conversation
+    for r in conv.replies.values():
         if not r.committed or r.status == "cancelled":
             continue
         if not r.finished:
             return True
-        if r.t.first_sent is not None and now < r.t.first_sent + sum(
-                c[2] for c in r.sent_clauses) / 1000.0:
+        if r.t.first_sent is not None and now < r.t.first_sent + conv.audio_sent_ms(r) / 1000.0:
             return True
     return False
 

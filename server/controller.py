@@ -124,11 +124,14 @@ class SpeechStopped(Action):
 @dataclass(frozen=True)
 class CommitInput(Action):
     """The user turn is final: → ``input_audio_buffer.committed`` + the user item; finish the
-    tokenizer stream over ``[audio_start_ms, audio_end_ms]`` and start its transcription."""
+    tokenizer stream over ``[audio_start_ms, audio_end_ms]`` and start its transcription.
+    ``speculation``: the speculative reply that the :class:`CommitSpeculation` right after this
+    will commit (its tokens are this turn's: the stream need not be finished again)."""
 
     turn_id: int
     audio_start_ms: int
     audio_end_ms: int
+    speculation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,10 +313,11 @@ class Controller:
         self, turn_id: int | None, reason: Literal["end_of_turn", "client_request"]
     ) -> None:
         rid = self._new_id()
-        self._emit(StartResponse(rid, turn_id, reason))
-        self._open_response(rid)
+        self._open_response(rid, StartResponse(rid, turn_id, reason))
 
-    def _open_response(self, rid: int) -> None:
+    def _open_response(self, rid: int, start: StartResponse | CommitSpeculation) -> None:
+        """The reply ``rid`` is the one the client hears now: the state changes, then ``start``
+        (its ``response.created``)."""
         pb = _Playback()
         if self.response_id is not None:  # the previous reply is still playing: queue behind it
             pb.queue_end_ms = self._playback[self.response_id].queue_end_ms
@@ -322,26 +326,28 @@ class Controller:
         while len(self._playback) > 32:  # bounded: old replies cannot be truncated any more
             del self._playback[next(iter(self._playback))]
         self._set_state("bot_replying", "response_started")
+        self._emit(start)
 
     def _end_of_turn(self) -> None:
         cfg = self.config
         turn = self.turn_id
+        spec, self.speculation = self.speculation, None
+        kept = (spec if spec is not None and cfg.create_response
+                and spec.input_version == self.input_version else None)
         self._emit(SpeechStopped(turn, round(self._speech_end)))
-        self._emit(CommitInput(turn, self._audio_start(self._turn_start), round(self._speech_end)))
+        self._emit(CommitInput(turn, self._audio_start(self._turn_start), round(self._speech_end),
+                               kept.response_id if kept is not None else None))
         self.turn_id = self._new_id()
         self._buffer_start = self._speech_end
-        spec, self.speculation = self.speculation, None
-        if not cfg.create_response:
-            if spec is not None:
-                self._emit(CancelSpeculation(spec.response_id, "no_response_wanted"))
-            self._set_state("silence", "end_of_turn")
-            return
-        if spec is not None and spec.input_version == self.input_version:
-            self._emit(CommitSpeculation(spec.response_id, turn))
-            self._open_response(spec.response_id)
+        if kept is not None:
+            self._open_response(kept.response_id, CommitSpeculation(kept.response_id, turn))
             return
         if spec is not None:
-            self._emit(CancelSpeculation(spec.response_id, "input_changed"))
+            reason = "input_changed" if cfg.create_response else "no_response_wanted"
+            self._emit(CancelSpeculation(spec.response_id, reason))
+        if not cfg.create_response:
+            self._set_state("silence", "end_of_turn")
+            return
         self._start_response(turn, "end_of_turn")
 
     def _run_timers(self) -> None:
@@ -372,18 +378,20 @@ class Controller:
                     )
                 )
         if self.state == "bot_replying":
-            rid = self.response_id
+            playing = self.response_id
             if (
-                rid is not None
+                playing is not None
                 and cfg.turn_detection
                 and cfg.interrupt_response
                 and self._vad_speaking
             ):
                 if now - self._vad_since >= cfg.min_barge_in_ms:
-                    self._interrupt("turn_detected")
+                    # speech_started first: the client flushes its playback, then hears about
+                    # the cancelled reply and its truncation
                     self._begin_turn(self._vad_since, barge_in=True)
+                    self._interrupt("turn_detected")
                     return
-            if rid is not None and self._playback[rid].finished(now):
+            if playing is not None and self._playback[playing].finished(now):
                 self.response_id = None
                 self._set_state("silence", "response_finished")
                 if cfg.turn_detection and self._vad_speaking:  # the user began as the bot ended

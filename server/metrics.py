@@ -143,6 +143,17 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def observe_reply(self, timings_ms: dict[str, float], speculative: bool) -> None:
+        """One reply's ``stepaudio.timings`` into the latency histograms."""
+        if "end_of_speech_to_first_audio" in timings_ms:
+            self.first_audio.labels(str(speculative).lower()).observe(
+                timings_ms["end_of_speech_to_first_audio"] / 1000.0)
+        if "server_overhead" in timings_ms:
+            self.overhead.observe(timings_ms["server_overhead"] / 1000.0)
+        for name in ("llm_first_token", "tts_first_audio"):
+            if name in timings_ms:
+                self.stage_seconds.labels(name).observe(timings_ms[name] / 1000.0)
+
 
 class LoopLagMonitor:
     """Measures event-loop lag: a 10 ms sleep that wakes late shows the loop was busy.

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -27,30 +27,73 @@ log = logging.getLogger(__name__)
 
 CLOSE_SEND_QUEUE = 1008
 
+R = TypeVar("R")
+
+
+# What a reply's message carries back when the socket takes it (``on_sent``): enough for the
+# reply and the conversation to know what the client has now been sent.
+
+
+@dataclass(frozen=True)
+class SentText:
+    """A text delta of a text-only reply."""
+
+
+@dataclass(frozen=True)
+class SentCaption:
+    """The caption of a clause whose audio starts next."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class SentAudio:
+    """Audio of clause number ``clause``, which says ``text``."""
+
+    clause: int
+    text: str
+
+
+@dataclass(frozen=True)
+class SentDone:
+    """``response.done``: the last message of a reply."""
+
+
+Sent = SentText | SentCaption | SentAudio | SentDone
+
 
 @dataclass
-class Outgoing:
+class Outgoing(Generic[R]):
     wire: str
     size: int
-    response: int | None = None  # the reply this belongs to (audio and its captions)
+    reply: R | None = None  # the reply this belongs to
     audio_ms: float = 0.0
-    droppable: bool = False  # reply media: dropped when the reply is interrupted
-    meta: Any = None
+    sent: Sent | None = None  # what it carries back (reply messages only)
+
+    @property
+    def droppable(self) -> bool:
+        """Reply media (text, captions, audio): dropped when the reply is interrupted."""
+        return isinstance(self.sent, (SentText, SentCaption, SentAudio))
 
 
-class Outbox:
+class Outbox(Generic[R]):
     """Bounded FIFO of wire messages for one WebSocket."""
 
-    def __init__(self, ws: Any, max_bytes: int, on_sent: Callable[[Outgoing, float], None],
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(self, ws: Any, max_bytes: int, on_sent: Callable[[Outgoing[R], float], None],
+                 on_bytes: Callable[[int], None] | None = None,
+                 wall: Callable[[], float] = time.perf_counter) -> None:
         self.ws = ws
+        self.wall = wall
         self.max_bytes = max_bytes
         self.on_sent = on_sent
         self.on_bytes = on_bytes
         self.bytes = 0
-        self._q: deque[Outgoing] = deque()
+        self._q: deque[Outgoing[R]] = deque()
         self._wake = asyncio.Event()
+        self._empty = asyncio.Event()  # nothing queued (or closed): what drain waits for
+        self._empty.set()
         self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self.closed = False
         self.overflowed = False
         self.close_code: int | None = None  # the code this side closed with
@@ -63,7 +106,7 @@ class Outbox:
         if self.on_bytes is not None:
             self.on_bytes(delta)
 
-    def put(self, msg: Outgoing) -> bool:
+    def put(self, msg: Outgoing[R]) -> bool:
         """Queue a message; False (and the connection closing) when the client is not reading.
 
         "Not reading" is judged by what is already queued: one message larger than the whole
@@ -76,20 +119,23 @@ class Outbox:
             return False
         self._q.append(msg)
         self._account(msg.size)
+        self._empty.clear()
         self._wake.set()
         return True
 
-    def purge(self, response: int) -> int:
+    def purge(self, reply: R) -> int:
         """Drop the queued media of one reply (a barge-in); returns how many were dropped."""
-        keep: deque[Outgoing] = deque()
+        keep: deque[Outgoing[R]] = deque()
         dropped = 0
         for m in self._q:
-            if m.droppable and m.response == response:
+            if m.droppable and m.reply is reply:
                 dropped += 1
                 self._account(-m.size)
             else:
                 keep.append(m)
         self._q = keep
+        if not keep:
+            self._empty.set()
         return dropped
 
     def overflow(self) -> None:
@@ -97,7 +143,7 @@ class Outbox:
             return
         self.overflowed = True
         log.warning("closing a session: its send queue is over %d bytes", self.max_bytes)
-        asyncio.get_running_loop().create_task(self.close(
+        self._closing = asyncio.get_running_loop().create_task(self.close(
             CLOSE_SEND_QUEUE,
             f"send queue over {self.max_bytes // 1024} KiB: the client is not reading"))
 
@@ -109,6 +155,7 @@ class Outbox:
         self.close_code = code
         self._account(-self.bytes)
         self._q.clear()
+        self._empty.set()
         self._wake.set()
         try:
             await asyncio.wait_for(self.ws.close(code, reason[:120]), timeout)
@@ -119,9 +166,8 @@ class Outbox:
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until everything queued has been written."""
-        end = time.perf_counter() + timeout
-        while self._q and not self.closed and time.perf_counter() < end:
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty.wait(), timeout)
 
     async def _run(self) -> None:
         try:
@@ -133,8 +179,10 @@ class Outbox:
                 msg = self._q.popleft()
                 self._account(-msg.size)
                 await self.ws.send(msg.wire)
-                if msg.response is not None:
-                    self.on_sent(msg, time.perf_counter())
+                if msg.reply is not None:
+                    self.on_sent(msg, self.wall())
+                if not self._q:
+                    self._empty.set()
         except ConnectionClosed:
             pass
         finally:
@@ -142,6 +190,7 @@ class Outbox:
             with contextlib.suppress(Exception):
                 self._account(-self.bytes)
             self._q.clear()
+            self._empty.set()
 
     async def aclose(self) -> None:
         self.closed = True

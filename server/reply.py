@@ -15,6 +15,11 @@ encoding) ends the reply with an ``error`` event and ``response.done`` (failed, 
 reason in ``status_details``). The chat model and the speech run side by side, and the first of
 them to fail stops the other: a chat backend that dies mid-reply must not leave the speech
 waiting for text that never comes.
+
+Each message of the reply carries a tag (:mod:`server.outbox`'s ``Sent*``) that comes back when
+the socket takes it (:meth:`Reply.on_sent`): the reply keeps its captions and first-audio time;
+the session tells the controller (playback) and the conversation (the clause sent, with its ms of
+audio), which keeps the history to what was actually heard.
 """
 
 from __future__ import annotations
@@ -22,15 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from server.outbox import Sent, SentAudio, SentCaption, SentDone, SentText
 from server.protocol import (
     AudioDelta,
     AudioDone,
-    AudioFormat,
     AudioTranscriptDelta,
     AudioTranscriptDone,
     ContentPart,
@@ -44,21 +48,32 @@ from server.protocol import (
     OutputItemDone,
     Part,
     ProtocolError,
+    ReplySettings,
     Response,
+    ResponseCreated,
     ResponseDone,
     ServerEvent,
     SessionConfig,
+    SpeculationEvent,
     TextDelta,
     TextDone,
+    Timings,
     Usage,
     new_id,
 )
-from server.workers import Prompt, Stages, Tokens, new_seed
+from server.waiting import first_of, side_by_side
+from server.workers import Prompt, SpeechStream, Stages, Tokens, new_seed
 from stepaudio.audio import StreamingResampler
 from stepaudio.errors import StepAudioError
-from stepaudio.llm.engine import FinishReason
+from stepaudio.llm.engine import FinishReason, Generation
 from stepaudio.llm.pool import CONVERSATION
 from stepaudio.tts.text import split_leading_tags
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from server.conversation import Conversation
+    from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,54 +101,16 @@ def _stage(name: str) -> Iterator[None]:
         raise StageFailed(name, err) from err
 
 
-async def _side_by_side(*coros: Coroutine[Any, Any, None]) -> None:
-    """Run the coroutines together until all are done; the first to fail cancels the others
-    and its exception is raised (none is left running or unretrieved)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task in done and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@dataclass
-class ReplySettings:
-    """The session settings one reply uses, frozen at its start (plus ``response.create``'s
-    overrides)."""
-
-    instructions: str
-    speaker: str
-    voice: str
-    tts_instruction: str
-    audio_output: bool
-    output_format: AudioFormat
-    temperature: float | None
-    max_output_tokens: int | None
-    max_output_tokens_wire: int | str
-    metadata: dict[str, str] | None = None
-
-
 class ReplyHost(Protocol):
     """What a reply needs from its session."""
 
     stages: Stages
     config: SessionConfig
+    conversation: Conversation
+    wall: Callable[[], float]
 
     def emit(self, event: ServerEvent, *, reply: Reply | None = None, audio_ms: float = 0.0,
-             meta: Any = None) -> None: ...
-
-    def prompt_inputs(self, reply: Reply, pending: list[int] | None
-                      ) -> tuple[str | None, list[tuple[str, str]], list[int] | None, str | None]:
-        ...
-
-    async def wait_user_turn(self, item_id: str) -> None: ...
-
-    def attach_assistant(self, reply: Reply) -> None: ...
+             sent: Sent | None = None) -> None: ...
 
     def reply_finished(self, reply: Reply) -> None: ...
 
@@ -143,25 +120,12 @@ def _speakable(clause: str) -> str:
     return split_leading_tags(clause)[1]
 
 
-#: Rough speaking rate to place a cut inside a clause that was interrupted before its audio was
-#: complete (ms per character): CJK characters are syllables, Latin letters are not.
-_MS_PER_CJK_CHAR = 230.0
-_MS_PER_LATIN_CHAR = 65.0
-
-
-def _spoken_prefix(text: str, audio_ms: float) -> str:
-    """The part of ``text`` that ``audio_ms`` of speech probably covered."""
-    total = sum(_MS_PER_LATIN_CHAR if c.isascii() else _MS_PER_CJK_CHAR for c in text)
-    if total <= 0 or audio_ms >= total:
-        return text
-    return text[: int(len(text) * audio_ms / total)]
-
-
 @dataclass
 class Clock:
-    """Wall times (perf_counter) of one reply, for ``stepaudio.timings`` and the metrics."""
+    """Wall times (the session's clock) of one reply, for ``stepaudio.timings`` and the
+    metrics."""
 
-    created: float = field(default_factory=time.perf_counter)
+    created: float
     end_of_turn: float | None = None  # the deliberate silence wait ended here
     silence_wait_ms: float | None = None  # end of speech → end of turn (input clock)
     tokens: Tokens | None = None
@@ -181,27 +145,29 @@ class Reply:
 
     def __init__(self, host: ReplyHost, rid: int, settings: ReplySettings, *, speculative: bool,
                  tokens: asyncio.Future[Tokens] | None, user_item: str | None,
-                 pending_audio: bool) -> None:
+                 end_of_turn: tuple[float, float | None] | None = None,
+                 spec_end_ms: int = 0) -> None:
         self.host = host
         self.rid = rid
         self.settings = settings
         self.speculative = speculative
-        self.held: list[tuple[ServerEvent, float, Any]] | None = [] if speculative else None
+        self.held: list[tuple[ServerEvent, float, Sent | None]] | None = (
+            [] if speculative else None)
         self.held_audio_ms = 0.0
         self._released = asyncio.Event()
         self.tokens_future = tokens
         self.user_item = user_item
-        #: The prompt reads the user's audio as a pending (uncommitted) turn: speculation.
-        self.pending_audio = pending_audio
+        #: A speculation: where the user's audio it answers ends (ms, for its events).
+        self.spec_end_ms = spec_end_ms
         self.response = Response(
             id=new_id("resp"),
             audio_output=settings.audio_output,
             output_format=settings.output_format,
             voice=settings.voice,
-            max_output_tokens=settings.max_output_tokens_wire,  # type: ignore[arg-type]
+            max_output_tokens=settings.max_output_tokens_wire,
             metadata=settings.metadata,
         )
-        kind = "audio" if settings.audio_output else "text"
+        kind: Literal["audio", "text"] = "audio" if settings.audio_output else "text"
         self.item = Item(id=new_id("item"), role="assistant", status="in_progress",
                          content=[ContentPart(type=kind, transcript="" if kind == "audio" else None,
                                               text="" if kind == "text" else None)])
@@ -210,42 +176,53 @@ class Reply:
         self.prompt: Prompt | None = None
         self.status: str = "in_progress"
         self.finished = False
+        #: Set when the reply ends (completed, incomplete, failed or cancelled).
+        self.ended = asyncio.Event()
+        #: Set when its first audio has reached the socket.
+        self.audio_out = asyncio.Event()
+        #: Set when its ``response.done`` has reached the socket (nothing of it follows).
+        self.done_out = asyncio.Event()
         self.closed_sent = False
         self.started_sent = False
         self.committed = not speculative
-        self.attached = False  # in the session's history
-        self.attaching = False
-        self.done_sent = False  # response.done has reached the socket
-        self.t = Clock()
-        self.spec_started = time.perf_counter() if speculative else None
-        self.spec_end_ms = 0
+        self.t = Clock(created=host.wall())
+        self.spec_started = self.t.created if speculative else None
+        if end_of_turn is not None:
+            self.t.end_of_turn, self.t.silence_wait_ms = end_of_turn
         self.usage = Usage()
-        self.flow_tokens = 0
-        # audio sent, per clause, for the history: [(clause text, audio ms)]
-        self.sent_clauses: list[list[Any]] = []
-        self.segments_applied = 0
-        self.truncated_ms: float | None = None
-        self._gen: Any = None
-        self._tts: Any = None
+        self._gen: Generation | None = None
+        self._tts: SpeechStream | None = None
         self._resampler: StreamingResampler | None = None
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"reply-{rid}")
 
     # -- output ---------------------------------------------------------------------------------
 
-    def _emit(self, event: ServerEvent, audio_ms: float = 0.0, meta: Any = None) -> None:
+    def _emit(self, event: ServerEvent, audio_ms: float = 0.0, sent: Sent | None = None) -> None:
         if self.held is not None:
-            self.held.append((event, audio_ms, meta))
+            self.held.append((event, audio_ms, sent))
             self.held_audio_ms += audio_ms
             return
-        self.host.emit(event, reply=self, audio_ms=audio_ms, meta=meta)
+        self.host.emit(event, reply=self, audio_ms=audio_ms, sent=sent)
 
-    def commit(self) -> None:
-        """The speculation becomes the reply: release what it held, in order, and go live."""
+    def commit(self, end_of_turn: tuple[float, float | None]) -> None:
+        """The speculation becomes the reply to the turn that ended at ``end_of_turn`` (wall
+        time, silence wait ms): release what it held, in order, and go live."""
+        self.t.end_of_turn, self.t.silence_wait_ms = end_of_turn
         held, self.held = self.held or [], None
         self.committed = True
-        for event, audio_ms, meta in held:
-            self.host.emit(event, reply=self, audio_ms=audio_ms, meta=meta)
+        for event, audio_ms, sent in held:
+            self.host.emit(event, reply=self, audio_ms=audio_ms, sent=sent)
         self._released.set()
+
+    def created_event(self) -> ResponseCreated:
+        return ResponseCreated(response=self.response.model_copy(update={
+            "status": "in_progress", "output": [], "usage": None, "reason": None}))
+
+    def speculation_event(self, action: Literal["started", "committed", "cancelled"],
+                          reason: str | None = None) -> SpeculationEvent:
+        return SpeculationEvent(action=action, speculation_id=self.response.id,
+                                item_id=self.user_item or "", audio_end_ms=self.spec_end_ms,
+                                reason=reason)
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -261,6 +238,7 @@ class Reply:
         if self.finished:
             return
         self.finished = True
+        self.ended.set()
         self.status = "cancelled"
         self.response.reason = reason
         if self.held is not None:  # never seen by the client: nothing to close
@@ -286,40 +264,42 @@ class Reply:
         # Every model request of this reply (chat, speech) goes to its conversation's replica
         # of a pool, whose prefix cache holds the conversation so far (stepaudio.llm.pool).
         CONVERSATION.set(self.host.config.id)
+        conv = self.host.conversation
         try:
             pending: list[int] | None = None
             if self.tokens_future is not None:
                 with _stage("audio tokenizer"):
                     tokens = await self.tokens_future
                 self.t.tokens = tokens
-                if self.pending_audio:
+                if self.speculative:  # the turn is not in the history yet: its audio is pending
                     pending = tokens.ids
-            if self.user_item is not None and not self.pending_audio:
+            if self.user_item is not None and not self.speculative:
                 with _stage("audio tokenizer"):
-                    await self.host.wait_user_turn(self.user_item)
+                    await conv.wait_user_turn(self.user_item)
             with _stage("prompt"):
-                system, history, audio, text_prompt = self.host.prompt_inputs(self, pending)
-                t0 = time.perf_counter()
+                system, history, audio, text_prompt = conv.prompt_inputs(
+                    self.settings.instructions, pending)
+                t0 = self.host.wall()
                 self.prompt = await st.chat.fit(system, history, audio, text_prompt)
-            self.t.prompt_ms = (time.perf_counter() - t0) * 1000.0
+            self.t.prompt_ms = (self.host.wall() - t0) * 1000.0
             self.usage.input_audio_tokens = self.prompt.audio_tokens
             self.usage.input_text_tokens = max(0, len(self.prompt.ids) - self.prompt.audio_tokens)
             if self.committed:
-                self.host.attach_assistant(self)
+                conv.attach(self)
             self._emit_start()
             with _stage("chat model"):
                 params = st.chat.params(self.settings.temperature, self.settings.max_output_tokens)
-                self.t.llm_start = time.perf_counter()
-                self._gen = st.chat.generate(self.prompt, params)
+                self.t.llm_start = self.host.wall()
+                gen = self._gen = st.chat.generate(self.prompt, params)
             if self.settings.audio_output:
                 with _stage("speech synthesis"):
-                    self._tts = st.speech.open(self.settings.speaker, new_seed())
+                    tts = self._tts = st.speech.open(self.settings.speaker, new_seed())
                     if self.settings.tts_instruction:
-                        self._tts.push_text(self.settings.tts_instruction)
-                await _side_by_side(self._pump_llm(), self._pump_audio())
+                        tts.push_text(self.settings.tts_instruction)
+                await side_by_side(self._pump_llm(gen, tts), self._pump_audio(tts))
             else:
-                await self._pump_llm()
-            reason = self._gen.finish_reason
+                await self._pump_llm(gen, None)
+            reason = gen.finish_reason
             self._finish("incomplete" if reason is FinishReason.LENGTH else "completed")
         except asyncio.CancelledError:
             if not self.finished:  # cancelled from outside without cancel(): the session closed
@@ -340,37 +320,36 @@ class Reply:
                     except BaseException:  # noqa: BLE001 - closing must not mask the outcome
                         pass
 
-    async def _pump_llm(self) -> None:
+    async def _pump_llm(self, gen: Generation, tts: SpeechStream | None) -> None:
         with _stage("chat model"):
-            await self._read_llm()
-        if self._tts is not None:
+            await self._read_llm(gen, tts)
+        if tts is not None:
             with _stage("speech synthesis"):
-                self._tts.end_text()
+                tts.end_text()
 
-    async def _read_llm(self) -> None:
-        gen = self._gen
+    async def _read_llm(self, gen: Generation, tts: SpeechStream | None) -> None:
         async for delta in gen:
             if delta.text:
                 if self.t.llm_first is None:
-                    self.t.llm_first = time.perf_counter()
+                    self.t.llm_first = self.host.wall()
                 self.text += delta.text
-                if self._tts is not None:
+                if tts is not None:
                     if self.t.tts_start is None:
-                        self.t.tts_start = time.perf_counter()
-                    self._tts.push_text(delta.text)
+                        self.t.tts_start = self.host.wall()
+                    tts.push_text(delta.text)
                 else:
                     if self.t.first_ready is None:
-                        self.t.first_ready = time.perf_counter()
-                    self._emit(TextDelta(**self._ids(), delta=delta.text), meta="text")
-        self.t.llm_end = time.perf_counter()
+                        self.t.first_ready = self.host.wall()
+                    self._emit(TextDelta(**self._ids(), delta=delta.text), sent=SentText())
+        self.t.llm_end = self.host.wall()
         if gen.usage is not None:
             self.usage.output_text_tokens = gen.usage.completion_tokens
 
-    async def _pump_audio(self) -> None:
+    async def _pump_audio(self, stream: SpeechStream) -> None:
         st = self.host.stages
         fmt = self.settings.output_format
         clause = -1
-        tts = aiter(self._tts)
+        tts = aiter(stream)
         while True:
             with _stage("speech synthesis"):
                 try:
@@ -378,7 +357,7 @@ class Reply:
                 except StopAsyncIteration:
                     break
             if self.t.tts_first is None:
-                self.t.tts_first = time.perf_counter()
+                self.t.tts_first = self.host.wall()
             with _stage("audio encoding"):
                 if self._resampler is None and chunk.sample_rate != fmt.rate:
                     self._resampler = StreamingResampler(chunk.sample_rate, fmt.rate)
@@ -386,20 +365,20 @@ class Reply:
             if n == 0:
                 continue
             if self.t.first_ready is None:
-                self.t.first_ready = time.perf_counter()
+                self.t.first_ready = self.host.wall()
             if chunk.clause != clause:
                 clause = chunk.clause
                 text = _speakable(chunk.text)
                 if text:
                     self._emit(AudioTranscriptDelta(**self._ids(), delta=text),
-                               meta=("caption", text))
+                               sent=SentCaption(text))
             ms = 1000.0 * n / fmt.rate
             self._emit(AudioDelta(**self._ids(), delta=b64), audio_ms=ms,
-                       meta=("audio", clause, _speakable(chunk.text)))
+                       sent=SentAudio(clause, _speakable(chunk.text)))
             if self.held is not None and self.held_audio_ms >= HOLD_LIMIT_MS:
                 await self._released.wait()
-        self.t.tts_end = time.perf_counter()
-        report = getattr(self._tts, "report", None)
+        self.t.tts_end = self.host.wall()
+        report = getattr(stream, "report", None)
         if report is not None:
             self.usage.output_audio_tokens = int(getattr(report, "flow_tokens", 0))
 
@@ -420,6 +399,7 @@ class Reply:
         if self.finished:
             return
         self.finished = True
+        self.ended.set()
         self.status = status
         if status == "incomplete":
             self.response.reason = "max_output_tokens"
@@ -446,7 +426,7 @@ class Reply:
             self.response.output = [item]
         self.response.status = status  # type: ignore[assignment]
         self.response.usage = self.usage
-        self._emit(ResponseDone(response=self.response), meta="done")
+        self._emit(ResponseDone(response=self.response), sent=SentDone())
 
     def final_item(self, status: str | None = None) -> Item:
         status = status or self.status
@@ -456,36 +436,27 @@ class Reply:
         return Item(id=self.item.id, role="assistant",
                     status="completed" if status == "completed" else "incomplete", content=[part])
 
-    # -- playback accounting (called by the session as the socket takes each message) -------------
+    # -- what reached the socket (the session reports each message of this reply) ---------------
 
-    def on_sent(self, meta: Any, audio_ms: float, wall: float) -> None:
-        if not isinstance(meta, tuple):
-            return
-        if meta[0] == "caption":
-            self.transcript += meta[1]
-        elif meta[0] == "audio":
+    def on_sent(self, sent: Sent, wall: float) -> None:
+        if isinstance(sent, SentCaption):
+            self.transcript += sent.text
+        elif isinstance(sent, SentAudio):
             if self.t.first_sent is None:
                 self.t.first_sent = wall
-            _, clause, text = meta
-            if self.sent_clauses and self.sent_clauses[-1][0] == clause:
-                self.sent_clauses[-1][2] += audio_ms
-            else:
-                self.sent_clauses.append([clause, text, audio_ms])
+                self.audio_out.set()
+        elif isinstance(sent, SentDone):
+            self.done_out.set()
 
-    def segments(self, partial_last: bool) -> list[tuple[str, float]]:
-        """(text, audio ms) per clause sent so far; the clause still being spoken (unless the
-        reply is over) is left out until its audio is complete, or cut by the speaking rate."""
-        out = []
-        for i, (_, text, ms) in enumerate(self.sent_clauses):
-            last = i == len(self.sent_clauses) - 1
-            if last and not self.finished:
-                if not partial_last:
-                    break
-                text = _spoken_prefix(text, ms)
-            elif last and self.status != "completed":
-                text = _spoken_prefix(text, ms)
-            out.append((text, ms))
-        return out
+    async def report_timings(self, metrics: Metrics) -> None:
+        """``stepaudio.timings`` (and the latency metrics) once the first audio has left (it may
+        still be queued when generation ends), or the ``response.done`` without any."""
+        if self.settings.audio_output:
+            await first_of([self.audio_out, self.done_out], 3.0)
+        timings = self.timings()
+        metrics.observe_reply(timings, self.speculative)
+        self.host.emit(Timings(response_id=self.response.id, speculative=self.speculative,
+                               timings_ms=timings))
 
     def timings(self) -> dict[str, float]:
         """``stepaudio.timings`` for this reply (ms; names in docs/protocol.md)."""

@@ -17,8 +17,8 @@ its work runs.
   encoder thread.
 
 A stage can move to another process or machine by reimplementing its class; the session only sees
-these methods. ``server/zero_cost.py`` implements the same interfaces with stand-ins that cost
-nothing (the benchmark instrument).
+these methods. The benchmark instruments (``server/instruments/``) implement the same interfaces
+with stand-ins, and the app picks them where it is built: nothing here imports them.
 """
 
 from __future__ import annotations
@@ -530,16 +530,11 @@ def warmup_audio() -> tuple[np.ndarray, int]:
     return wav[: sr * 3], sr
 
 
-def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
-    """Load every model named by the config (blocking: call it in a thread)."""
-    if cfg.server.instrument == "zero-cost stages":
-        from server.zero_cost import zero_cost_stages
-
-        return zero_cost_stages(cfg, root, metrics)
-    if cfg.models.profile == "random":
-        from server.random_profile import random_stages
-
-        return random_stages(cfg, metrics)
+def load_stages(cfg: Config, root: Path, metrics: Metrics, *,
+                chat_engine: Callable[[Path], Engine] | None = None) -> Stages:
+    """Load every model named by the config (blocking: call it in a thread). ``chat_engine``
+    builds the chat engine from the checkpoint folder instead of ``llm.engine`` (a benchmark's
+    stand-in: ``server/instruments``)."""
     from stepaudio.llm.engine import make_engine
     from stepaudio.models import model_paths
     from stepaudio.tokenizer import StepAudioTokenizer
@@ -549,13 +544,8 @@ def load_stages(cfg: Config, root: Path, metrics: Metrics) -> Stages:
     # No provisional ids: the models hear only the final (reference-exact) codes.
     tokenizer = TokenizerStage(lambda: tok.open_stream(provisional=False), metrics,
                                cfg.server.tokenizer_threads)
-    if cfg.llm.engine == "stand-in":
-        from server.random_profile import stand_in_chat
-        from stepaudio.llm.tokenizer import load_text_tokenizer
-
-        engine = stand_in_chat(cfg, load_text_tokenizer(paths.chat))
-    else:
-        engine = make_engine(cfg.llm, paths.chat)
+    engine = chat_engine(paths.chat) if chat_engine is not None else make_engine(cfg.llm,
+                                                                                  paths.chat)
     chat = ChatStage(
         engine,
         metrics,

@@ -235,22 +235,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         return 1
-    try:
-        from server.app import run_server  # type: ignore[import-not-found]
-    except ImportError:
-        print(
-            f"models ready ({cfg.models.profile} profile) at {root}\n"
-            "stepaudio serve: the real-time server (server/app.py) is not built yet; "
-            "what works today: `stepaudio tiny`, `stepaudio models check`, `stepaudio tokenize`, "
-            "`stepaudio conformance`.",
-            file=sys.stderr,
-        )
-        return 2
+    from server.app import run_server
+
     return run_server(cfg, root)
 
 
 def cmd_bench_load(args: argparse.Namespace) -> int:
-    from server.loadtest import main as load_main  # the load client lives with the server
+    from server.instruments.loadtest import main as load_main
 
     return load_main(args)
 
@@ -349,12 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     s = bsub.add_parser("load", help="N simulated users talking to the server at once "
                         "(latency, server overhead, event-loop lag)")
-    try:  # the load client lives with the server (not part of the model library)
-        from server.loadtest import add_arguments as _load_arguments
-    except ImportError:  # installed without server/: the command says so when run
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        _load_arguments(s)
+    from server.instruments.loadtest import add_arguments as load_arguments  # a server instrument
+
+    load_arguments(s)
     s.set_defaults(func=cmd_bench_load)
 
     s = sub.add_parser("tiny", help="write tiny random-weight checkpoints in the real layouts")

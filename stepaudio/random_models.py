@@ -27,7 +27,7 @@ What is built here:
   size), so prompts have realistic token counts.
 
 The audio tokenizer and the 130B chat model are not built here: the server stands in for them
-(see ``server/standin_chat.py``) and says so.
+(see ``server/instruments/standin_chat.py``) and says so.
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ class Deployment:
         cfg.write_text(HAPROXY_CFG.format(sock=self.folder / "haproxy.sock", port=self.port,
                                           inter_ms=self.check_inter_ms, servers=servers),
                        encoding="utf-8")
-        check = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True)
+        check = await asyncio.to_thread(subprocess.run, [HAPROXY, "-c", "-f", str(cfg)],
+                                        capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy rejects its config:\n{check.stdout}{check.stderr}")
         self.haproxy = _spawn("haproxy", [HAPROXY, "-db", "-f", str(cfg)], self.port, self.folder)

@@ -30,6 +30,12 @@ def kinds(actions):
     return [type(a).__name__ for a in actions if not isinstance(a, StateChange)]
 
 
+def order(actions):
+    """Every action in the order given, state changes by their reason (the wire's order)."""
+    return [f"state:{a.reason}" if isinstance(a, StateChange) else type(a).__name__
+            for a in actions]
+
+
 def only(actions, cls):
     found = [a for a in actions if isinstance(a, cls)]
     assert len(found) == 1, f"expected one {cls.__name__} in {actions}"
@@ -107,8 +113,11 @@ def test_speculation_committed_when_input_unchanged():
     spec = only(s.until(2250), StartSpeculation)
     assert kinds(s.until(2740)) == []
     end = s.until(2750)
-    assert kinds(end) == ["SpeechStopped", "CommitInput", "CommitSpeculation"]
+    # the state changes before the reply's response.created; the commit names the speculation
+    assert order(end) == ["SpeechStopped", "CommitInput", "state:response_started",
+                          "CommitSpeculation"]
     assert only(end, SpeechStopped).audio_end_ms == 2000
+    assert only(end, CommitInput).speculation == spec.response_id
     assert only(end, CommitSpeculation) == CommitSpeculation(spec.response_id, turn)
     assert s.c.state == "bot_replying" and s.c.response_id == spec.response_id
 
@@ -119,8 +128,10 @@ def test_stale_speculation_replaced_by_fresh_response_at_end_of_turn():
     spec = only(s.until(2300), StartSpeculation)
     s.c.speculation_failed(s.now, spec.response_id)
     end = s.until(2750)
-    assert kinds(end) == ["SpeechStopped", "CommitInput", "StartResponse"]
+    assert order(end) == ["SpeechStopped", "CommitInput", "state:response_started",
+                          "StartResponse"]
     assert only(end, StartResponse).reason == "end_of_turn"
+    assert only(end, CommitInput).speculation is None  # the turn's own tokens
 
 
 def test_input_change_without_speech_restarts_the_speculation():
@@ -170,7 +181,9 @@ def test_barge_in_cancels_and_truncates_to_played_audio():
     out = s.speech(3800)  # the user talks over it; the VAD reports the start at 3928
     assert kinds(out) == []  # not yet long enough
     out = s.until(4100)
-    assert kinds(out) == ["CancelResponse", "TruncateResponse", "SpeechStarted"]
+    # speech_started first (the client flushes its playback), then the cancel and the cut
+    assert order(out) == ["SpeechStarted", "state:barge_in", "CancelResponse",
+                          "TruncateResponse"]
     assert only(out, CancelResponse) == CancelResponse(rid, "turn_detected", True)
     assert only(out, TruncateResponse) == TruncateResponse(rid, 1100, "estimate")  # 3000 → 4100
     started = only(out, SpeechStarted)
@@ -241,6 +254,7 @@ def test_manual_turn_with_commit_and_response_create():
     commit = only(out, CommitInput)
     assert (commit.audio_start_ms, commit.audio_end_ms) == (0, 4000)
     out = c.create_response(4010)
+    assert order(out) == ["state:response_started", "StartResponse"]
     start = only(out, StartResponse)
     assert start.turn_id is None and start.reason == "client_request"
     assert c.state == "bot_replying"

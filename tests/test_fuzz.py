@@ -24,10 +24,16 @@ from websockets.http11 import Request
 
 from server.admission import offered_subprotocols
 from server.app import Server
+from server.instruments.zero_cost import zero_cost_stages
 from server.metrics import Metrics
-from server.protocol import CLIENT_EVENTS, ProtocolError, dialect_from_handshake, parse_client_event
-from server.session import Session, SessionEnv, default_session_config
-from server.zero_cost import zero_cost_stages
+from server.protocol import (
+    CLIENT_EVENTS,
+    ProtocolError,
+    default_session_config,
+    dialect_from_handshake,
+    parse_client_event,
+)
+from server.session import Session, SessionEnv
 from stepaudio.config import Config
 
 FUZZ = settings(deadline=None, database=None, derandomize=True,
@@ -143,7 +149,7 @@ def loop_and_env(tiny_root: Path) -> Iterator[tuple[asyncio.AbstractEventLoop, S
 
     loop.run_until_complete(start())
     try:
-        yield loop, SessionEnv(cfg, stages, metrics, default_session_config(cfg))
+        yield loop, SessionEnv(cfg, stages, metrics, default_session_config(cfg.session))
     finally:
         loop.run_until_complete(stages.aclose())
         loop.close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from realtime_helpers import RealtimeClient, server_config, turn
 
-from server.standin_chat import StandInChat
+from server.instruments.standin_chat import StandInChat
 from stepaudio.config import load_config
 from stepaudio.errors import ConfigError
 from stepaudio.llm.engine import SamplingParams
@@ -93,8 +93,8 @@ async def test_stand_in_chat_keeps_the_chat_models_timing():
 
 
 def test_random_profile_refuses_a_real_chat_engine():
+    from server.instruments.random_profile import random_stages
     from server.metrics import Metrics
-    from server.random_profile import random_stages
 
     cfg = _random_config()
     cfg.llm.engine = "transformers"

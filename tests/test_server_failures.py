@@ -173,7 +173,7 @@ def _assert_failed_truthfully(fragile: Fragile, client: RealtimeClient, done: di
     sent_text = "".join(e["delta"] for e in client.of("response.output_audio_transcript.delta")
                         if e["item_id"] == item_id)
     assert response["output"][0]["content"][0]["transcript"] == sent_text
-    turn_ = fragile.session().context.get(item_id)
+    turn_ = fragile.session().conversation.context.get(item_id)
     assert not turn_.in_progress  # the reply is over and joins the prompts as what was heard
     assert sent_text.startswith(turn_.spoken_text)
     assert turn_.audio_ms == pytest.approx(_audio_ms(client, response["id"]), abs=1.0)

@@ -37,8 +37,8 @@ async def test_a_closed_sessions_history_is_freed_at_close(server):
         await c.send({"type": "response.create", "response": {"max_output_tokens": 4}})
         await c.wait_for("response.done", after=mark, timeout=60)
         (session,) = srv.sessions
-        held = [weakref.ref(t) for t in session.context]
-        held += [weakref.ref(r) for r in session.replies.values()]
+        held = [weakref.ref(t) for t in session.conversation.context]
+        held += [weakref.ref(r) for r in session.conversation.replies.values()]
         assert len(held) == 6  # 4 items, the reply and its history turn
         await c.close()
         for _ in range(200):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from server.clock import InputClock
-from server.loadtest import build_plan, lag_quantiles
-from server.outbox import Outbox, Outgoing
-from server.reply import _spoken_prefix
+from server.conversation import spoken_prefix
+from server.instruments.loadtest import build_plan, lag_quantiles
+from server.outbox import Outbox, Outgoing, SentAudio, SentDone
 from server.turn_input import AudioRing
 from stepaudio.vad import FRAME_MS, SpeechSegmenter, VADParams
 
@@ -88,15 +88,15 @@ class FakeSocket:
 
 async def test_outbox_drops_interrupted_reply_audio_and_closes_when_full():
     ws = FakeSocket()
-    sent: list[Outgoing] = []
-    box = Outbox(ws, max_bytes=100, on_sent=lambda m, t: sent.append(m))
+    sent: list[Outgoing[str]] = []
+    box: Outbox[str] = Outbox(ws, max_bytes=100, on_sent=lambda m, t: sent.append(m))
     box.start()
     box.put(Outgoing("a" * 10, 10))  # taken by the writer, blocked in send
     await asyncio.sleep(0)
-    box.put(Outgoing("audio1", 10, response=7, audio_ms=20, droppable=True))
-    box.put(Outgoing("done", 10, response=7))
-    box.put(Outgoing("audio2", 10, response=8, audio_ms=20, droppable=True))
-    assert box.purge(7) == 1
+    box.put(Outgoing("audio1", 10, "reply 7", audio_ms=20, sent=SentAudio(0, "a")))
+    box.put(Outgoing("done", 10, "reply 7", sent=SentDone()))
+    box.put(Outgoing("audio2", 10, "reply 8", audio_ms=20, sent=SentAudio(0, "b")))
+    assert box.purge("reply 7") == 1
     ws.release.set()
     await box.drain(1.0)
     assert ws.sent == ["a" * 10, "done", "audio2"]
@@ -113,9 +113,9 @@ async def test_outbox_drops_interrupted_reply_audio_and_closes_when_full():
 
 
 def test_spoken_prefix_follows_the_speaking_rate():
-    assert _spoken_prefix("你好世界", 10_000) == "你好世界"
-    assert _spoken_prefix("你好世界", 460) == "你好"
-    assert _spoken_prefix("hello there", 0) == ""
+    assert spoken_prefix("你好世界", 10_000) == "你好世界"
+    assert spoken_prefix("你好世界", 460) == "你好"
+    assert spoken_prefix("hello there", 0) == ""
 
 
 def test_tokenizer_snapshot_reads_what_the_end_of_the_turn_will(tiny_root, audio_dir):
@@ -203,7 +203,7 @@ def test_load_client_hears_gaps_as_a_real_time_player_would():
     import base64
     import json
 
-    from server.loadtest import _delta_seconds, underruns
+    from server.instruments.loadtest import _delta_seconds, underruns
 
     pcm = bytes(2 * 2400)  # 100 ms of pcm16 at 24 kHz
     raw = json.dumps({"type": "response.output_audio.delta", "response_id": "r",

@@ -61,7 +61,7 @@ async def test_full_turn_event_sequence(server, speech):
         assert tr["item_id"] == started["item_id"]
         # the transcript is stored as the user turn's text (the history is text)
         sess = next(iter(server.sessions))
-        assert sess.context.get(started["item_id"]).text == tr["transcript"].strip()
+        assert sess.conversation.context.get(started["item_id"]).text == tr["transcript"].strip()
     finally:
         await c.close()
 

@@ -130,6 +130,7 @@ from server.protocol.session_config import (
     AudioOutputIn,
     FormatIn,
     NoiseReductionIn,
+    ReplySettings,
     SessionConfig,
     SessionPatch,
     StepAudioOptions,
@@ -139,7 +140,9 @@ from server.protocol.session_config import (
     TurnDetection,
     TurnDetectionIn,
     apply_session_update,
+    default_session_config,
     session_update_dialect,
+    speaker_of,
 )
 
 __all__ = [
@@ -198,6 +201,7 @@ __all__ = [
     "Part",
     "ProfileInfo",
     "ProtocolError",
+    "ReplySettings",
     "Response",
     "ResponseAudioIn",
     "ResponseAudioOutputIn",
@@ -236,6 +240,7 @@ __all__ = [
     "alaw_encode",
     "apply_session_update",
     "decode_audio",
+    "default_session_config",
     "decode_base64",
     "dialect_from_handshake",
     "encode_audio",
@@ -245,6 +250,7 @@ __all__ = [
     "new_id",
     "parse_client_event",
     "session_update_dialect",
+    "speaker_of",
     "ulaw_decode",
     "ulaw_encode",
 ]

@@ -31,8 +31,8 @@ __all__ = [
 ]
 
 AudioKind = Literal["pcm16", "g711_ulaw", "g711_alaw"]
-_GA_FORMAT = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
-_FORMAT_FROM_GA = {v: k for k, v in _GA_FORMAT.items()}
+_GA_FORMAT: dict[AudioKind, str] = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+_FORMAT_FROM_GA: dict[str, AudioKind] = {v: k for k, v in _GA_FORMAT.items()}
 
 
 class AudioFormat(BaseModel):
@@ -53,6 +53,11 @@ class AudioFormat(BaseModel):
     def ms(self, num_bytes: int) -> float:
         """Duration of ``num_bytes`` of this format (playback accounting counts bytes sent)."""
         return 1000.0 * num_bytes / (self.bytes_per_sample * self.rate)
+
+    @classmethod
+    def from_ga(cls, mime: str) -> AudioFormat:
+        """The format a GA ``{"type": "audio/pcm"}`` names (the parser has checked the name)."""
+        return cls(kind=_FORMAT_FROM_GA[mime])
 
     def render(self, dialect: Dialect) -> Any:
         if dialect == "beta":

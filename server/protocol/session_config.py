@@ -3,11 +3,12 @@ configuration they patch, and the merge rules (all or nothing)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.protocol.audio import _FORMAT_FROM_GA, AudioFormat, AudioKind
+from server.protocol.audio import AudioFormat, AudioKind
 from server.protocol.common import (
     DEFAULT_INSTRUCTIONS,
     DEFAULT_VOICE,
@@ -27,6 +28,10 @@ from server.protocol.common import (
     _Wire,
     new_id,
 )
+
+if TYPE_CHECKING:
+    from server.protocol.client_events import ResponseParams
+    from stepaudio.config import SessionDefaults
 
 
 class TurnDetectionIn(_Wire):
@@ -230,6 +235,28 @@ class StepAudioOptions(BaseModel):
     events: bool = True
 
 
+def speaker_of(voice: str) -> str:
+    """The Step-Audio speaker of a voice: OpenAI's voice names fall back to the default one."""
+    return DEFAULT_VOICE if voice in OPENAI_VOICES else voice
+
+
+@dataclass(frozen=True)
+class ReplySettings:
+    """The session settings one reply uses, frozen at its start (plus ``response.create``'s
+    overrides): :meth:`SessionConfig.reply_settings`."""
+
+    instructions: str
+    speaker: str
+    voice: str
+    tts_instruction: str
+    audio_output: bool
+    output_format: AudioFormat
+    temperature: float | None
+    max_output_tokens: int | None
+    max_output_tokens_wire: int | Literal["inf"]
+    metadata: dict[str, str] | None = None
+
+
 class SessionConfig(BaseModel):
     """The effective session configuration, one shape for both dialects (rendered per dialect)."""
 
@@ -251,7 +278,7 @@ class SessionConfig(BaseModel):
     @property
     def speaker(self) -> str:
         """The Step-Audio speaker: OpenAI voice names fall back to the default speaker."""
-        return DEFAULT_VOICE if self.voice in OPENAI_VOICES else self.voice
+        return speaker_of(self.voice)
 
     @property
     def tts_instruction(self) -> str:
@@ -269,6 +296,40 @@ class SessionConfig(BaseModel):
         return self.stepaudio.instruction + (
             tag if tag and tag not in self.stepaudio.instruction else ""
         )
+
+    def reply_settings(self, params: ResponseParams | None = None) -> ReplySettings:
+        """What one reply runs with: this configuration, with ``response.create``'s overrides."""
+        instructions, voice, audio = self.instructions, self.voice, self.audio_output
+        fmt, temp, maxt = self.output_format, self.temperature, self.max_output_tokens
+        tags, metadata = self.tts_instruction, None
+        if params is not None:
+            if params.instructions is not None:
+                instructions = params.instructions
+            if params.voice:
+                voice = params.voice
+            mods = params.modalities or params.output_modalities
+            if mods:
+                audio = "audio" in mods
+            if params.output_audio_format:
+                fmt = AudioFormat(kind=params.output_audio_format)
+            if params.audio and params.audio.output:
+                if params.audio.output.format is not None:
+                    fmt = AudioFormat.from_ga(params.audio.output.format.type)
+                if params.audio.output.voice:
+                    voice = params.audio.output.voice
+            if params.temperature is not None:
+                temp = params.temperature
+            for m in (params.max_response_output_tokens, params.max_output_tokens):
+                if m is not None:
+                    maxt = m
+            if params.stepaudio and params.stepaudio.instruction is not None:
+                tags = params.stepaudio.instruction
+            metadata = params.metadata
+        return ReplySettings(
+            instructions=instructions, speaker=speaker_of(voice), voice=voice,
+            tts_instruction=tags, audio_output=audio, output_format=fmt, temperature=temp,
+            max_output_tokens=None if maxt == "inf" else int(maxt), max_output_tokens_wire=maxt,
+            metadata=metadata)
 
     def render(self, dialect: Dialect) -> dict[str, Any]:
         td = self.turn_detection.render(dialect) if self.turn_detection else None
@@ -320,6 +381,31 @@ class SessionConfig(BaseModel):
         }
 
 
+def default_session_config(s: SessionDefaults) -> SessionConfig:
+    """A new session's configuration from the ``session`` section of the server config."""
+    base = SessionConfig()
+    td = base.turn_detection
+    assert td is not None
+    upd: dict[str, Any] = {
+        "voice": s.voice,
+        "turn_detection": td.model_copy(update={
+            "silence_duration_ms": s.silence_duration_ms,
+            "prefix_padding_ms": s.prefix_padding_ms,
+            "threshold": s.vad_threshold,
+        }),
+        "stepaudio": base.stepaudio.model_copy(update={
+            "pause_ms": s.pause_ms, "min_barge_in_ms": s.min_barge_in_ms,
+            "speculative": s.speculative}),
+    }
+    if s.instructions is not None:
+        upd["instructions"] = s.instructions
+    if s.max_output_tokens is not None:
+        upd["max_output_tokens"] = s.max_output_tokens
+    if not s.transcription:
+        upd["transcription"] = None
+    return base.model_copy(update=upd)
+
+
 def session_update_dialect(patch: SessionPatch) -> Dialect | None | ProtocolError:
     """Which dialect a ``session.update`` speaks: ``None`` when its fields exist in both."""
     present = patch.model_fields_set
@@ -356,7 +442,8 @@ def _merge_transcription(
     if new is None:
         return None
     base = cur or Transcription()
-    upd = {k: getattr(new, k) for k in ("model", "language", "prompt") if k in new.model_fields_set}
+    upd: dict[str, Any] = {k: getattr(new, k) for k in ("model", "language", "prompt")
+                           if k in new.model_fields_set}
     if upd.get("model") is None:
         upd.pop("model", None)
     return base.model_copy(update=upd)
@@ -421,7 +508,7 @@ def apply_session_update(
         if ain is not None:
             si = ain.model_fields_set
             if ain.format is not None:
-                upd["input_format"] = AudioFormat(kind=_FORMAT_FROM_GA[ain.format.type])
+                upd["input_format"] = AudioFormat.from_ga(ain.format.type)
             if "transcription" in si:
                 upd["transcription"] = _merge_transcription(config.transcription, ain.transcription)
             if "noise_reduction" in si:
@@ -432,7 +519,7 @@ def apply_session_update(
                 )
         if aout is not None:
             if aout.format is not None:
-                upd["output_format"] = AudioFormat(kind=_FORMAT_FROM_GA[aout.format.type])
+                upd["output_format"] = AudioFormat.from_ga(aout.format.type)
             if aout.voice:
                 upd["voice"] = aout.voice
             if aout.speed is not None:

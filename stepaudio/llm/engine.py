@@ -184,7 +184,8 @@ class Generation(AsyncIterator[Delta]):
 
     async def collect(self) -> tuple[str, list[int]]:
         """Whole reply text and token ids (convenience for offline use and tests)."""
-        text, ids = [], []
+        text: list[str] = []
+        ids: list[int] = []
         async for delta in self:
             text.append(delta.text)
             ids.extend(delta.token_ids)
@@ -255,6 +256,49 @@ class Engine(Protocol):
     ) -> Generation: ...
 
     async def aclose(self) -> None: ...
+
+
+class EngineBase:
+    """What every backend's ``generate`` does before its own work (:meth:`_start`): the
+    defaults, the prompt check, and refusing what this backend cannot honour (:meth:`unsupported`,
+    and request options it does not take) rather than silently sampling differently."""
+
+    name: str
+    defaults: SamplingParams
+    #: ``generate``'s keyword options beyond the sampling parameters that this backend takes
+    #: (handed on to :meth:`_start`); any other is refused.
+    request_options: frozenset[str] = frozenset()
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        **options: Any,
+    ) -> Generation:
+        """Start one request. Raises :class:`EngineError` at once for a prompt no backend can
+        run, :class:`EngineUnsupported` for what this backend cannot do; later failures arrive
+        through the iterator."""
+        params = params or self.defaults
+        problem = self.unsupported(params) or next(
+            (f"the {self.name} engine takes no {k!r} option" for k in options
+             if k not in self.request_options), None)
+        if problem is not None:
+            raise EngineUnsupported(problem)
+        return self._start(check_prompt(prompt), params, request_id or new_request_id(), **options)
+
+    def unsupported(self, params: SamplingParams) -> str | None:
+        """Why this backend cannot honour ``params`` (None: it can). By default: per-request
+        Python code (logits hooks, the repetition rule) runs only in process."""
+        if params.logits_hook is not None or params.repetition is not None:
+            return (f"the {self.name} engine cannot run per-request Python logits hooks or "
+                    "repetition rules; use the transformers engine for that request")
+        return None
+
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               **options: Any) -> Generation:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 def new_request_id() -> str:

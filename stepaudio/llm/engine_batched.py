@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+
+def _slot(req: _Request) -> int:
+    """The decoder slot of an admitted request (every one in a decode batch holds one)."""
+    assert req.slot is not None
+    return req.slot
+
 class BatchedSteps:
     """The engine's ``_Steps`` over a :class:`Step1FastDecoder` (used from the worker only)."""
 
@@ -166,7 +172,7 @@ class BatchedSteps:
 
     def _forward(self, rows: list[_Request], ids: Any) -> torch.Tensor | None:
         try:
-            logits = self.decoder.decode([r.slot for r in rows], ids)
+            logits = self.decoder.decode([_slot(r) for r in rows], ids)
         except Exception as exc:  # the batch's forward failed: no row has a token to go on
             log.exception("batched decode of %d requests failed", len(rows))
             for req in rows:

@@ -34,19 +34,17 @@ from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
     REPETITION_XARG,
     Delta,
+    EngineBase,
     EngineError,
     EngineProtocolError,
     EngineTimeout,
     EngineUnavailable,
-    EngineUnsupported,
     FinishReason,
     Generation,
     RepetitionRule,
     SamplingParams,
     StreamedGeneration,
     Usage,
-    check_prompt,
-    new_request_id,
 )
 from stepaudio.llm.pool import CONVERSATION, Endpoint, EndpointPool
 
@@ -278,10 +276,11 @@ class _HTTPGeneration(StreamedGeneration):
         return Usage(n_prompt, counted + extra)
 
 
-class OpenAIEngine:
+class OpenAIEngine(EngineBase):
     """Client of an OpenAI-compatible completions server; one shared connection pool per loop."""
 
     name = "openai"
+    request_options = frozenset({"extra_body"})
 
     def __init__(
         self,
@@ -363,31 +362,23 @@ class OpenAIEngine:
         twin._clients, twin._checkers = {}, {}
         return twin
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-        extra_body: dict[str, Any] | None = None,
-    ) -> Generation:
-        """Start a request; connecting happens on the first ``__anext__``. ``extra_body``: more
-        fields for this request's JSON body (they win over ours)."""
-        params = params or self.defaults
+    def unsupported(self, params: SamplingParams) -> str | None:
         if params.logits_hook is not None:
-            raise EngineUnsupported(
-                "the openai engine cannot run in-process logits hooks; "
-                "use the transformers engine for that request"
-            )
+            return ("the openai engine cannot run in-process logits hooks; use the transformers "
+                    "engine for that request")
         if params.repetition is not None and (
             self.dialect != "vllm" or params.repetition != RepetitionRule()
         ):
-            raise EngineUnsupported(
-                "the openai engine asks for the repetition rule only in the vllm dialect and with "
-                "the reference's window 10 / ratio 0.1 (what stepaudio.tts.vllm_repetition applies)"
-            )
-        prompt = check_prompt(prompt)
-        return _HTTPGeneration(self, prompt, params, request_id or new_request_id(), extra_body)
+            return ("the openai engine asks for the repetition rule only in the vllm dialect and "
+                    "with the reference's window 10 / ratio 0.1 (what "
+                    "stepaudio.tts.vllm_repetition applies)")
+        return None
+
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               **options: Any) -> Generation:
+        """Connecting happens on the first ``__anext__``. ``extra_body``: more fields for this
+        request's JSON body (they win over ours)."""
+        return _HTTPGeneration(self, prompt, params, request_id, options.get("extra_body"))
 
     def _client(self) -> httpx.AsyncClient:
         # An httpx client's pool belongs to one event loop; tests (and CLI runs) may use several.

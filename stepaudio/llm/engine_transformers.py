@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -36,13 +35,12 @@ from stepaudio.llm import compat
 from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
     Delta,
+    EngineBase,
     EngineError,
     FinishReason,
     Generation,
     SamplingParams,
     Usage,
-    check_prompt,
-    new_request_id,
 )
 from stepaudio.llm.sampler import apply_repetition_rule, sample_token
 
@@ -157,7 +155,7 @@ class _Steps(Protocol):
         """Give back what ``admit`` reserved; called exactly once per admitted request."""
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """Step1 in this process. Thread-safe ``generate``; one worker thread does all model work.
 
     ``fast_decode``: ``auto`` batches through :class:`Step1FastDecoder` when the model is a
@@ -223,18 +221,18 @@ class TransformersEngine:
             return False
         from stepaudio.llm.step1 import Step1ForCausalLM
 
-        is_step1 = isinstance(self.model, Step1ForCausalLM)
+        model = self.model
         if mode == "on":
-            if not is_step1:
+            if not isinstance(model, Step1ForCausalLM):
                 raise ValueError(f"fast_decode needs a Step1ForCausalLM, not "
-                                 f"{type(self.model).__name__}")
+                                 f"{type(model).__name__}")
             return True
-        if not is_step1:
+        if not isinstance(model, Step1ForCausalLM):
             return False
-        cfg = self.model.config
+        cfg = model.config
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         per_token = 2 * cfg.num_hidden_layers * cfg.num_attention_groups * head_dim  # k and v
-        element = next(self.model.parameters()).element_size()
+        element = next(model.parameters()).element_size()
         cache = per_token * (slots + 1) * max_len * element  # + 1: the scratch slot
         return self.auto_fast_path(self.device, cache)
 
@@ -295,7 +293,8 @@ class TransformersEngine:
             model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the Step1 model from {folder}: {exc}") from exc
-        return cls(model.to(device), tokenizer, **kwargs)
+        # transformers types the wrapped .to() of its models too narrowly for a device name
+        return cls(model.to(device), tokenizer, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_config(cls, cfg: LLMConfig, model_dir: str | os.PathLike[str]) -> TransformersEngine:
@@ -314,28 +313,21 @@ class TransformersEngine:
         )
 
     # -- public API ----------------------------------------------------------------------------
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-    ) -> Generation:
-        """Start one request; must be called from a running event loop (deltas arrive on it).
+    def unsupported(self, params: SamplingParams) -> str | None:
+        return None  # logits hooks and the repetition rule run here, in the sampler
 
-        Raises :class:`EngineError` at once for an empty prompt, one that leaves no room for a
-        single new token in the context window, or when ``max_waiting`` requests already wait
-        for a slot; later failures arrive through the iterator.
-        """
-        params = params or self.defaults
-        prompt = check_prompt(prompt)
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               **options: Any) -> Generation:
+        """Must be called from a running event loop (deltas arrive on it). Refuses at once a
+        prompt that leaves no room for a single new token in the context window, and a request
+        when ``max_waiting`` requests already wait for a slot."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if len(ids) >= self.max_model_len:
             raise EngineError(
                 f"prompt of {len(ids)} tokens leaves no room in the {self.max_model_len}-token "
                 "context window"
             )
-        stream = _ThreadedGeneration(request_id or new_request_id(), len(ids), self._wake)
+        stream = _ThreadedGeneration(request_id, len(ids), self._wake)
         generator = torch.Generator(device=self.device)
         if params.seed is not None:
             generator.manual_seed(params.seed)

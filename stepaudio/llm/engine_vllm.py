@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
     Delta,
+    EngineBase,
     EngineError,
-    EngineUnsupported,
     FinishReason,
     Generation,
     SamplingParams,
     StreamedGeneration,
     Usage,
-    check_prompt,
-    new_request_id,
 )
 from stepaudio.llm.vllm_args import INSTALL_HINT, engine_kwargs, sampling_kwargs
 
@@ -110,7 +108,7 @@ class _VLLMGeneration(StreamedGeneration):
         yield Delta(finish_reason=FinishReason.CANCELLED, usage=Usage(n_prompt, n_out))
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """vLLM's AsyncLLM in this process (its workers are vLLM's own processes)."""
 
     name = "vllm"
@@ -142,19 +140,9 @@ class VLLMEngine:
         return cls(llm, load_text_tokenizer(folder), kwargs["max_model_len"],
                    SamplingParams.from_config(cfg))
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-    ) -> Generation:
-        params = params or self.defaults
-        if params.logits_hook is not None or params.repetition is not None:
-            raise EngineUnsupported(
-                "the vllm engine cannot run per-request Python logits hooks or repetition rules"
-            )
-        return _VLLMGeneration(self, check_prompt(prompt), params, request_id or new_request_id())
+    def _start(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               **options: Any) -> Generation:
+        return _VLLMGeneration(self, prompt, params, request_id)
 
     async def aclose(self) -> None:
         self.llm.shutdown()

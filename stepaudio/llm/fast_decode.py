@@ -36,11 +36,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from stepaudio.llm.step1 import Step1Config, Step1RMSNorm
 
 try:  # Triton ships with CUDA builds of torch; the CPU path never needs it.
     import triton
@@ -128,8 +131,9 @@ def pack_step1_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
     return packs
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The ``Step1Model`` inside a ``Step1ForCausalLM`` (or the model itself)."""
+def _base_model(model: nn.Module) -> Any:
+    """The ``Step1Model`` inside a ``Step1ForCausalLM`` (or the model itself). Typed Any: the
+    decoder reads its layers by the attribute names of Step1's modules."""
     return model.model if hasattr(model, "lm_head") else model
 
 
@@ -397,8 +401,7 @@ class Step1FastDecoder:
         a common prefix shorter than ``min_prefix`` tokens is prefilled rather than copied."""
         self.model = model
         self.base = _base_model(model)
-        self.config = model.config
-        cfg = self.config
+        self.config = cfg = cast("Step1Config", model.config)
         params = list(model.parameters())
         self.device = params[0].device
         self.dtype = params[0].dtype
@@ -430,9 +433,10 @@ class Step1FastDecoder:
         self.prefix_hits = 0  # prompt tokens copied instead of computed
         self.prefix_misses = 0  # prompt tokens computed
         self.scratch = self.cache.scratch_slot
-        self.lm_head_weight = model.lm_head.weight if hasattr(model, "lm_head") else None
-        if self.lm_head_weight is None:
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is None:
             raise ValueError("Step1FastDecoder needs a Step1ForCausalLM (with lm_head)")
+        self.lm_head_weight: torch.Tensor = lm_head.weight
         self.slopes = torch.tensor(self.base.slopes, dtype=torch.float32, device=self.device)
         # -sqrt(d) for every distance d, in fp32: the bias of a row is slopes x one gather.
         self.neg_sqrt = -torch.arange(max_len, device=self.device, dtype=torch.float32).sqrt()
@@ -658,6 +662,7 @@ class Step1FastDecoder:
             raise ValueError(f"{rows} slots but {ids.shape[0]} token ids")
         bucket.ids[:rows].copy_(ids, non_blocking=True)
         if self.use_cuda_graphs:
+            assert bucket.graph is not None and bucket.logits is not None  # captured above
             bucket.graph.replay()
             logits = bucket.logits
         else:
@@ -728,7 +733,7 @@ class Step1FastDecoder:
         self.lengths_dev[self.scratch :].zero_()
         return logits
 
-    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, norm: Step1RMSNorm) -> torch.Tensor:
         if self.kernels == "triton":
             return triton_rmsnorm(x, norm.weight, norm.eps)
         return norm(x)

@@ -73,7 +73,7 @@ class Step1Config(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]  # transformers 5 takes these as **kwargs
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
@@ -221,6 +221,7 @@ class Step1DecoderLayer(nn.Module):
 
 class Step1PreTrainedModel(PreTrainedModel):
     config_class = Step1Config
+    config: Step1Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["Step1DecoderLayer"]
@@ -254,7 +255,9 @@ class Step1Model(Step1PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if not isinstance(value, nn.Embedding):
+            raise TypeError(f"Step1's input embeddings are an nn.Embedding, not {type(value)}")
         self.embed_tokens = value
 
     def forward(
@@ -301,16 +304,18 @@ class Step1Model(Step1PreTrainedModel):
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
+        cache_field: dict[str, Any] = {compat.CACHE_FIELD: cache if use_cache else None}
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            **{compat.CACHE_FIELD: cache if use_cache else None},
+            **cache_field,  # its name differs between transformers 4 and 5
         )
         return out if return_dict is not False else out.to_tuple()
 
 
 class Step1ForCausalLM(Step1PreTrainedModel, GenerationMixin):
-    _tied_weights_keys = compat.tied_weights_keys()
+    # a list in transformers 4, a dict in 5 (compat picks the shape of the installed one)
+    _tied_weights_keys = compat.tied_weights_keys()  # type: ignore[assignment]
 
     def __init__(self, config: Step1Config) -> None:
         super().__init__(config)
@@ -321,8 +326,8 @@ class Step1ForCausalLM(Step1PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -569,14 +569,14 @@ class SpeechStream:
 
     # -- work ----------------------------------------------------------------------------------
     async def _run(self) -> None:
-        """Clauses in order, two at a time: while one clause's chunks are vocoded, the next one's
-        speech tokens are already being written, so a clause boundary costs no TTS-3B prefill
-        and no first tokens on the listener's clock."""
+        """Clauses in order, the next one's speech tokens written while earlier ones are still
+        vocoded, so a clause boundary costs no TTS-3B prefill and no first tokens on the
+        listener's clock."""
         queue: asyncio.Queue[_Clause | None] = asyncio.Queue()
         speaker = asyncio.get_running_loop().create_task(self._speak_all(queue))
         try:
             index = 0
-            while True:
+            while not speaker.done():  # a failed vocoder ends the reply: no more clauses
                 clause = await self._clauses.get()
                 if clause is None:
                     break

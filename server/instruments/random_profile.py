@@ -4,7 +4,7 @@ stand-ins for what one GPU cannot hold.
 - Speech: TTS-3B, flow and HiFT built in memory at their real sizes with random weights
   (:mod:`stepaudio.random_models`), running exactly as the real ones would: the fast decode
   path, the batched vocoder, CUDA graphs. The voices are noise.
-- Chat: :class:`~server.standin_chat.StandInChat`, the 130B model's measured timing and no model
+- Chat: :class:`~server.instruments.standin_chat.StandInChat`, the 130B model's measured timing and no model
   (it runs on four other GPUs in the real deployment).
 - Audio tokenizer: the zero-cost stand-in's arithmetic ids (its paraformer and S3 models need
   pip FunASR and the published files; the ids only have to exist for the stand-in chat).
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from server.instruments.standin_chat import StandInChat
+from server.instruments.zero_cost import ZeroCostTokenStream
 from server.metrics import Metrics
-from server.standin_chat import StandInChat
 from server.workers import (
     ChatStage,
     InputPump,
@@ -26,7 +27,6 @@ from server.workers import (
     synth_options,
     tts_engine_options,
 )
-from server.zero_cost import ZeroCostTokenStream
 from stepaudio.errors import ConfigError
 from stepaudio.llm.engine import SamplingParams
 from stepaudio.vad import SileroVAD

@@ -275,9 +275,9 @@ def analyse(logs: list[SessionLog], plan: Plan) -> dict[str, Any]:
             before = [c for c in log.committed if c <= t]
             if before:
                 commit_first.append((t - before[-1]) * 1000.0)
-        for tm in log.timings.values():
-            if tm.get("tts_request_to_first_audio") is not None:
-                tts_first.append(tm["tts_request_to_first_audio"])
+        for reply_tm in log.timings.values():
+            if reply_tm.get("tts_request_to_first_audio") is not None:
+                tts_first.append(reply_tm["tts_request_to_first_audio"])
     for log in logs:
         ends = [log.t_end.get(k) for k in range(plan.turns)]
         for k in range(plan.turns):
