@@ -5,16 +5,24 @@ Routes (plain HTTP answers come from ``process_request``, before any WebSocket h
 - ``/v1/realtime``: the OpenAI Realtime-compatible WebSocket (``docs/protocol.md``).
 - ``/``: the browser demo (``client/web/index.html``); the other files of ``client/web/`` are
   served by name.
-- ``/healthz``: 200 while the process runs. ``/readyz``: 200 only once every model is loaded and
-  warmed up (a real short turn went through every stage), 503 before; its body carries warnings
-  (listening beyond loopback without a key).
-- ``/metrics``: Prometheus text.
+- ``/healthz``: 200 while the process runs. ``/readyz``: 200 while the server takes new sessions:
+  every model loaded and warmed up (a real short turn went through every stage), not full
+  (``max_sessions``), not draining; 503 otherwise, so a load balancer's health check sends new
+  sessions elsewhere. Its body says why, and carries warnings (listening beyond loopback without a
+  key).
+- ``/metrics``: Prometheus text (load signals: active sessions, capacity, draining).
 
 Refusals are plain HTTP, before the upgrade (``server/admission.py``): 400/403 for a foreign Host,
 403 for a foreign Origin, 401 for a missing or wrong key, 503 with Retry-After while loading,
-draining or full. Start-up listens first (so ``/healthz`` and ``/readyz`` answer during loading),
-then loads and warms the models in a thread. SIGTERM/SIGINT stop accepting, cancel the replies
-in progress, let queued events out for ``shutdown_grace_s`` and close every socket with 1001.
+draining or full (connections that passed the check but are not sessions yet count against the
+cap). Start-up listens first (so ``/healthz`` and ``/readyz`` answer during loading), then loads
+and warms the models in a thread.
+
+Draining (SIGTERM/SIGINT, or :meth:`Server.drain`): new sessions are refused with 503 and
+``/readyz`` turns 503 while the listener stays open; each session keeps going until its turn in
+flight is over (the user speaking, a reply being generated, sent or still playing) for at most
+``shutdown_grace_s``, then closes with 1001; a reply still running then is cancelled. A second
+signal cuts the grace short.
 
 Close codes: 1001 server shutting down, 1008 the client does not read its events (send queue
 full), 1009 a message over twice the event size limit, 1011 internal error, 1013 full (only when
@@ -38,6 +46,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from server.admission import (
     KEY_SUBPROTOCOL,
@@ -58,6 +67,8 @@ from stepaudio.systemd import notify
 log = logging.getLogger("stepaudio.server")
 
 CLOSE_TRY_LATER = 1013
+#: After the grace, how long a session's last events (the cancelled reply's) may take to go out.
+FLUSH_S = 1.0
 WEB_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -118,10 +129,14 @@ class Server:
         self.ready = False
         self.state = "starting"
         self.sessions: set[Session] = set()
+        #: Connections that passed the HTTP checks and are not sessions yet (they hold a place).
+        self._admitted: set[ServerConnection] = set()
+        self._cut_grace = asyncio.Event()
         self.lag = LoopLagMonitor(self.metrics)
         self._ws_server: Any = None
         self.port = 0
         self.warmup_ms: dict[str, float] = {}
+        self.metrics.sessions_capacity.set(cfg.server.max_sessions)
         key_env = cfg.server.api_key_env
         self.api_key = os.environ.get(key_env, "") if key_env else ""
         self.gate = Gate(self.api_key, cfg.server.host, cfg.server.allowed_hosts,
@@ -169,23 +184,53 @@ class Server:
         # reach keeps full collections (which stop the event loop) at a few milliseconds.
         gc.collect()
         gc.freeze()
+        self.metrics.backends.pools = model_pools(self.stages)
+        if self.draining:  # a signal came while loading: stay out of service
+            return
         self.ready = True
         self.state = "ready"
         self.metrics.ready.set(1)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting, end the turns in progress, close every socket with 1001, unload."""
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Take no new sessions, let each one finish its turn in flight (at most ``grace_s``,
+        default ``server.shutdown_grace_s``), then close it with 1001. The listener stays open:
+        ``/readyz`` answers 503 and new sessions are refused over HTTP meanwhile."""
         grace = self.cfg.server.shutdown_grace_s if grace_s is None else grace_s
         self.ready = False
-        self.state = "shutting down"
+        if self.state != "shutting down":
+            self.state = "draining"
         self.metrics.ready.set(0)
+        self.metrics.draining.set(1)
+        busy = sum(turn_in_flight(s) for s in self.sessions)
+        log.info("draining: %d session(s), %d with a turn in flight, up to %.1f s",
+                 len(self.sessions), busy, grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        await asyncio.gather(*(self._drain_session(s, deadline) for s in list(self.sessions)),
+                             return_exceptions=True)
+
+    def cut_grace(self) -> None:
+        """End the drain's waiting now (a second SIGTERM): sessions close at once."""
+        self._cut_grace.set()
+
+    async def _drain_session(self, session: Session, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while turn_in_flight(session) and not self._cut_grace.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cut_grace.wait(), min(0.05, left))
+        await session.shutdown(FLUSH_S)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain (see :meth:`drain`), stop listening, unload."""
+        await self.drain(grace_s)
+        self.state = "shutting down"
         if self._ws_server is not None:
             self._ws_server.close(close_connections=False)
-        await asyncio.gather(*(s.shutdown(grace) for s in list(self.sessions)),
-                             return_exceptions=True)
-        if self._ws_server is not None:
+        if self._ws_server is not None:  # the handlers end once their sessions have closed
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ws_server.wait_closed(), grace + 5)
+                await asyncio.wait_for(self._ws_server.wait_closed(), FLUSH_S + 5)
         await self.lag.aclose()
         if self.stages is not None and self._owns_stages:
             await self.stages.aclose()
@@ -194,21 +239,27 @@ class Server:
 
     @property
     def draining(self) -> bool:
-        return self.state == "shutting down"
+        return self.state in ("draining", "shutting down")
+
+    def occupied(self) -> int:
+        """Sessions, plus connections admitted over HTTP whose session has not started yet."""
+        self._admitted = {c for c in self._admitted if c.state is not State.CLOSED}
+        return len(self.sessions) + len(self._admitted)
+
+    def unavailable(self) -> str | None:
+        """Why this server takes no new session now (draining, not ready, full), or None."""
+        if self.draining:
+            return "shutting down; try another server or come back in a moment"
+        if not self.ready or self.env is None:
+            return f"not ready ({self.state}); try again in a moment"
+        if self.occupied() >= self.cfg.server.max_sessions:
+            return f"server full ({self.cfg.server.max_sessions} sessions); try again later"
+        return None
 
     def capacity_refusal(self) -> Response | None:
         """503 (with Retry-After) while this server cannot take a new session."""
-        if self.draining:
-            return refusal(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down; try another server "
-                           "or come back in a moment")
-        if not self.ready or self.env is None:
-            return refusal(HTTPStatus.SERVICE_UNAVAILABLE,
-                           f"not ready ({self.state}); try again in a moment")
-        if len(self.sessions) >= self.cfg.server.max_sessions:
-            return refusal(HTTPStatus.SERVICE_UNAVAILABLE,
-                           f"server full ({self.cfg.server.max_sessions} sessions); try again "
-                           "later")
-        return None
+        reason = self.unavailable()
+        return None if reason is None else refusal(HTTPStatus.SERVICE_UNAVAILABLE, reason)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
@@ -216,17 +267,22 @@ class Server:
         if refused is not None:
             return refused
         if path == "/v1/realtime":
-            # None: the WebSocket handshake goes on
-            return (self.gate.check_origin(request) or self.gate.check_key(request)
-                    or self.capacity_refusal())
+            refused = (self.gate.check_origin(request) or self.gate.check_key(request)
+                       or self.capacity_refusal())
+            if refused is None:  # the WebSocket handshake goes on, holding a place
+                self._admitted.add(connection)
+            return refused
         if path == "/healthz":
             return text_response(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
-            notes = "".join(f"warning: {w}\n" for w in self.warnings)
-            if self.ready:
+            notes = f"sessions {len(self.sessions)}/{self.cfg.server.max_sessions}\n"
+            notes += "".join(f"warning: {w}\n" for w in self.warnings)
+            reason = self.unavailable()
+            if reason is None:
                 return text_response(HTTPStatus.OK, "ready\n" + notes)
-            return text_response(HTTPStatus.SERVICE_UNAVAILABLE,
-                                 f"not ready: {self.state}\n" + notes)
+            if not self.ready and not self.draining:
+                reason = f"not ready: {self.state}"
+            return text_response(HTTPStatus.SERVICE_UNAVAILABLE, f"{reason}\n" + notes)
         if path == "/metrics":
             return http_response(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE)
         return self._static(path)
@@ -261,7 +317,8 @@ class Server:
 
     async def _handler(self, ws: ServerConnection) -> None:
         request = ws.request
-        # Checked over HTTP already; a race of handshakes can still overfill the server.
+        self._admitted.discard(ws)
+        # Checked over HTTP already (places were held); a drain may have begun since.
         refused = self.capacity_refusal()
         if refused is not None or request is None or self.env is None:
             reason = refused.body.decode() if refused is not None and refused.body else "refused"
@@ -286,6 +343,36 @@ class Server:
             self.metrics.sessions_active.dec()
             code = session.outbox.close_code or ws.close_code or 1006
             self.metrics.sessions_closed.labels(str(code)).inc()
+
+
+def turn_in_flight(session: Session) -> bool:
+    """Whether a drain should wait for this session: the user is mid-turn, or a reply the client
+    knows of is still being generated, queued for sending, or still playing at the client (by
+    wall time since its first audio went out: the client plays on as the server sends)."""
+    if session.closing or session.outbox.closed:
+        return False
+    if session.controller.state in ("user_speaking", "user_paused") or session.outbox.bytes:
+        return True
+    now = session.wall()
+    conv = session.conversation
+    for r in conv.replies.values():
+        if not r.committed or r.status == "cancelled":
+            continue
+        if not r.finished:
+            return True
+        if r.t.first_sent is not None and now < r.t.first_sent + conv.audio_sent_ms(r) / 1000.0:
+            return True
+    return False
+
+
+def model_pools(stages: Stages | None) -> dict[str, Any]:
+    """The endpoint pools of the remote engines (chat, tts), for ``/metrics``."""
+    if stages is None:
+        return {}
+    engines = {"chat": getattr(stages.chat, "engine", None),
+               "tts": getattr(getattr(stages.speech, "synth", None), "engine", None)}
+    return {name: engine.pool for name, engine in engines.items()
+            if engine is not None and hasattr(engine, "pool")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,8 +425,14 @@ async def _serve(cfg: Config, root: Path) -> int:
     else:
         loading.cancel()
     notify("STOPPING=1")
-    print("stepaudio: shutting down", file=sys.stderr, flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: do not wait for the turns
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, server.cut_grace)
+    print(f"stepaudio: draining ({len(server.sessions)} sessions, up to "
+          f"{cfg.server.shutdown_grace_s:g} s; signal again to close them now)",
+          file=sys.stderr, flush=True)
     await server.stop()
+    print("stepaudio: stopped", file=sys.stderr, flush=True)
     return code
 
 
@@ -348,6 +441,7 @@ def run_server(cfg: Config, models_root: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per model request
     loop = _use_uvloop(cfg.server.event_loop)
     log.info("event loop: %s", loop)
     # The model threads (TTS-3B's decode loop, the vocoder, the VAD pump) each give up the GIL

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stepaudio.errors import StepAudioError
+from stepaudio.llm import budget as fitting
 from stepaudio.llm.prompt import apply_chat_template, audio_content, build_asr_prompt
 
 Role = Literal["system", "user", "assistant"]
@@ -356,14 +357,12 @@ class ContextManager:
                 f"the system prompt and the newest user turn need {used} tokens, over the budget of "
                 f"{budget}; shorten the instructions or the turn"
             )
-        total = used + sum(n for _, _, n in body)
-        start = 0
-        while start < len(body) and total > budget:
-            total -= body[start][2]
-            start += 1
-        if start:  # a reply whose question was dropped goes too
-            while start < len(body) and body[start][1]["role"] == "assistant":
-                start += 1
+        # Cut where stepaudio.llm.budget cuts (steps fixed by the conversation's beginning, for
+        # the prefix cache), never right before a reply: a reply whose question went goes too.
+        starts = [i for i, (_, m, _) in enumerate(body) if i == 0 or m["role"] != "assistant"]
+        start = fitting.keep_from([n for _, _, n in body], starts, budget - used,
+                                  budget // fitting.CUT_STEPS)
+        start = len(body) if start is None else start
         self.dropped_last_prompt = start
         return head + [m for _, m, _ in body[start:] + kept] + tail
 

@@ -447,6 +447,12 @@ class Conversation:
         if heard.attached and reply.settings.audio_output:
             self._sync(reply, heard, partial=False)
 
+    def audio_sent_ms(self, reply: Reply) -> float:
+        """Milliseconds of the reply's audio that reached the socket (a drain waits for the
+        client to play them)."""
+        heard = self._heard.get(reply.rid)
+        return sum(c.ms for c in heard.clauses) if heard is not None else 0.0
+
     def done_sent(self, reply: Reply) -> None:
         """The reply's ``response.done`` reached the socket: everything it sent is out."""
         heard = self._heard.get(reply.rid)

@@ -3,6 +3,11 @@
 A registry per server (not the library's global one) lets several servers live in one process
 (tests, the benchmark) without name clashes, and makes ``/metrics`` show exactly this server.
 
+Load signals for a balancer or an autoscaler: ``stepaudio_sessions_active`` against
+``stepaudio_sessions_capacity`` (``server.max_sessions``), ``stepaudio_draining`` (1 from SIGTERM
+until the process exits) and ``stepaudio_ready``; per model endpoint of a pool,
+``stepaudio_backend_up`` and the requests it carries.
+
 Latency buckets are fine-grained below 20 ms because the server's own overhead is measured in
 single milliseconds; the end-of-speech histogram spans the deliberate silence wait (0.75 s by
 default) up to several seconds.
@@ -13,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 FAST_BUCKETS = (
@@ -29,6 +37,41 @@ TURN_BUCKETS = (
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class BackendCollector:
+    """The endpoints of the model pools, read when ``/metrics`` is scraped (the pools keep the
+    counts; copying them into gauges on every change would cost the request path)."""
+
+    def __init__(self) -> None:
+        #: pool name (chat, tts) -> its endpoints (objects with url, up, in_flight, requests)
+        self.pools: dict[str, Iterable[Any]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["pool", "endpoint"]
+        up = GaugeMetricFamily("stepaudio_backend_up", "1 while a model endpoint is in service "
+                               "(0: taken out after a failure, until its health check passes).",
+                               labels=labels)
+        busy = GaugeMetricFamily("stepaudio_backend_in_flight",
+                                 "Requests streaming from a model endpoint now.", labels=labels)
+        sent = CounterMetricFamily("stepaudio_backend_requests",
+                                   "Requests a model endpoint accepted.", labels=labels)
+        prompt = CounterMetricFamily("stepaudio_backend_prompt_tokens",
+                                     "Prompt tokens of the requests a model endpoint finished.",
+                                     labels=labels)
+        cached = CounterMetricFamily(
+            "stepaudio_backend_cached_prompt_tokens",
+            "Of those, tokens its prefix cache served, as it reported them (vLLM: with "
+            "--enable-prompt-tokens-details; 0 from servers that do not say).", labels=labels)
+        for name, endpoints in self.pools.items():
+            for ep in endpoints:
+                key = [name, ep.url]
+                up.add_metric(key, 1.0 if ep.up else 0.0)
+                busy.add_metric(key, float(ep.in_flight))
+                sent.add_metric(key, float(ep.requests))
+                prompt.add_metric(key, float(ep.prompt_tokens))
+                cached.add_metric(key, float(ep.cached_tokens))
+        yield from (up, busy, sent, prompt, cached)
+
+
 class Metrics:
     """Every metric the server exports; created once per server."""
 
@@ -38,6 +81,12 @@ class Metrics:
                            registry=r)
         self.sessions_active = Gauge("stepaudio_sessions_active", "Open realtime sessions.",
                                      registry=r)
+        self.sessions_capacity = Gauge(
+            "stepaudio_sessions_capacity", "Sessions this server admits (server.max_sessions); "
+            "past it connections get HTTP 503 and /readyz turns 503.", registry=r)
+        self.draining = Gauge(
+            "stepaudio_draining", "1 while shutting down: no new sessions, the turns in flight "
+            "finish (up to server.shutdown_grace_s), then sessions close with 1001.", registry=r)
         self.sessions = Counter("stepaudio_sessions", "Realtime sessions opened.", registry=r)
         self.sessions_closed = Counter(
             "stepaudio_sessions_closed", "Sessions closed, by WebSocket close code.", ["code"],
@@ -87,6 +136,8 @@ class Metrics:
         self.input_paused = Counter(
             "stepaudio_input_paused", "Times a socket's reading paused for the input backlog.",
             registry=r)
+        self.backends = BackendCollector()
+        r.register(self.backends)
         self.lag_samples: deque[float] = deque(maxlen=200_000)
 
     def render(self) -> bytes:

@@ -53,6 +53,7 @@ from server.protocol import (
     ResponseCreated,
     ResponseDone,
     ServerEvent,
+    SessionConfig,
     SpeculationEvent,
     TextDelta,
     TextDone,
@@ -65,6 +66,7 @@ from server.workers import Prompt, SpeechStream, Stages, Tokens, new_seed
 from stepaudio.audio import StreamingResampler
 from stepaudio.errors import StepAudioError
 from stepaudio.llm.engine import FinishReason, Generation
+from stepaudio.llm.pool import CONVERSATION
 from stepaudio.tts.text import split_leading_tags
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ class ReplyHost(Protocol):
     """What a reply needs from its session."""
 
     stages: Stages
+    config: SessionConfig
     conversation: Conversation
     wall: Callable[[], float]
 
@@ -258,6 +261,9 @@ class Reply:
 
     async def _run(self) -> None:
         st = self.host.stages
+        # Every model request of this reply (chat, speech) goes to its conversation's replica
+        # of a pool, whose prefix cache holds the conversation so far (stepaudio.llm.pool).
+        CONVERSATION.set(self.host.config.id)
         conv = self.host.conversation
         try:
             pending: list[int] | None = None

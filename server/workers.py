@@ -580,7 +580,8 @@ def _load_synthesizer(cfg: Config, root: Path, tokenizer: Any) -> Any:
 
         remote = LLMConfig(engine="openai", base_url=cfg.tts.base_url,
                            served_model_name=cfg.tts.served_model_name,
-                           api_key_env=cfg.tts.api_key_env)
+                           api_key_env=cfg.tts.api_key_env, health_path=cfg.llm.health_path,
+                           health_check_interval_s=cfg.llm.health_check_interval_s)
         engine = OpenAIEngine.from_config(remote, model_paths(root).tts)
         from stepaudio.tts.remote_rule import check_remote_rule
 

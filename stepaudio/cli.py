@@ -180,12 +180,12 @@ def cmd_vllm_command(args: argparse.Namespace) -> int:
     models = Path(args.models)
     tp, max_len, port, name = args.tp, args.max_model_len, args.port, None
     if args.config:  # the server's own config decides whatever the flags leave open
-        from .config import load_config
+        from .config import endpoint_urls, load_config
 
         llm = load_config(args.config).llm
         tp = tp or llm.tensor_parallel_size
         max_len = max_len or llm.max_model_len
-        port = port or urlsplit(llm.base_url).port
+        port = port or urlsplit(endpoint_urls(llm.base_url)[0]).port
         name = llm.served_model_name
     chat = chat_spec(models, tensor_parallel_size=tp or 4, max_model_len=max_len,
                      port=port or 8000, host=args.host)
@@ -290,7 +290,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         out=Path(args.out), user=args.user, config=Path(args.config) if args.config else None,
         models=Path(args.models) if args.models else None,
         vllm_bin=Path(args.vllm_bin) if args.vllm_bin else None, tp=args.tp,
-        cache=Path(args.cache), env_dir=Path(args.env_dir),
+        cache=Path(args.cache), env_dir=Path(args.env_dir), role=args.role,
     )
     for path in written:
         print(path)
@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tp", type=int, help="GPUs for the Chat (default llm.tensor_parallel_size)")
     s.add_argument("--cache", default="/var/cache/stepaudio", help="writable cache folder")
     s.add_argument("--env-dir", default="/etc/stepaudio", help="folder of the secrets files")
+    s.add_argument("--role", choices=["all", "session", "chat", "tts"], default="all",
+                   help="all: what the config names, on this machine; session: the dialogue "
+                   "server only (its model pools elsewhere); chat / tts: that vLLM replica only, "
+                   "listening on every address (docs/scaling.md)")
     s.set_defaults(func=cmd_install_service)
 
     s = sub.add_parser("config-doc", help="render the configuration reference (docs/config.md)")

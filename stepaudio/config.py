@@ -7,11 +7,20 @@ typo in a deployment's YAML is caught at start-up with one line naming the key.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from .errors import ConfigError
 
@@ -29,6 +38,30 @@ def _yaml_switch(value: Any) -> Any:
 Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 #: on / off, also when written unquoted in YAML.
 OnOff = Annotated[Literal["on", "off"], BeforeValidator(_yaml_switch)]
+
+
+def endpoint_urls(value: str | Sequence[str]) -> list[str]:
+    """API roots from a config value: one URL, a list, or URLs separated by commas or spaces."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    urls = [u.strip().rstrip("/") for u in items if u.strip()]
+    if not urls:
+        raise ValueError("no endpoint URL given")
+    for u in urls:
+        parts = urlsplit(u)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{u!r} is not an http(s) URL")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"an endpoint is listed twice: {', '.join(urls)}")
+    return urls
+
+
+def _check_endpoints(value: str | list[str]) -> str | list[str]:
+    endpoint_urls(value)  # raises ValueError with the reason
+    return value
+
+
+#: One API root, or several (a YAML list, or URLs separated by commas): a pool of replicas.
+EndpointList = Annotated[str | list[str], AfterValidator(_check_endpoints)]
 
 
 class _Section(BaseModel):
@@ -136,9 +169,22 @@ class LLMConfig(_Section):
         description="transformers engine: weight dtype; auto keeps the checkpoint's (bfloat16). "
         "fp32 on CPU, bf16 on GPU.",
     )
-    base_url: str = Field(
+    base_url: EndpointList = Field(
         "http://127.0.0.1:8000/v1",
-        description="openai engine: the server's OpenAI API root (the part before /completions).",
+        description="openai engine: the server's OpenAI API root (the part before /completions); "
+        "a list (or URLs separated by commas) is a pool of replicas: each conversation sticks to "
+        "one (a hash of the session id, so that replica's prefix cache holds its history), an "
+        "endpoint that fails is taken out until its health check passes again.",
+    )
+    health_path: str = Field(
+        "/health",
+        description="openai engine, several endpoints: path probed on each endpoint's host "
+        "(vLLM's /health; `/v1/models` for servers without one); 2xx is healthy.",
+    )
+    health_check_interval_s: float = Field(
+        2.0, gt=0, le=300,
+        description="openai engine, several endpoints: seconds between health checks (of the "
+        "chat and the TTS pool).",
     )
     served_model_name: str = Field(
         "step-audio-chat",
@@ -190,7 +236,9 @@ class LLMConfig(_Section):
         None,
         ge=16,
         description="Most tokens a prompt may use; the oldest text history is dropped to fit, the "
-        "newest audio turn never. None: max_model_len minus max_new_tokens.",
+        "newest audio turn never. Dropping goes in steps of about a quarter of this, at points "
+        "fixed by the conversation's beginning, so most turns extend the previous prompt (which "
+        "vLLM's prefix cache then serves). None: max_model_len minus max_new_tokens.",
     )
     prefill_chunk_tokens: int = Field(
         512,
@@ -266,8 +314,10 @@ class TTSConfig(_Section):
     lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="In-process TTS-3B weight dtype; auto: float32 on CPU, bfloat16 on GPU."
     )
-    base_url: str = Field(
-        "http://127.0.0.1:8001/v1", description="openai engine: the TTS server's OpenAI API root."
+    base_url: EndpointList = Field(
+        "http://127.0.0.1:8001/v1",
+        description="openai engine: the TTS server's OpenAI API root, or a list of replicas "
+        "(chosen and health-checked as for `llm.base_url`, with its `health_path` and interval).",
     )
     served_model_name: str = Field(
         "step-audio-tts-3b", description="openai engine: vllm --served-model-name of TTS-3B."
@@ -443,7 +493,11 @@ class ServerConfig(_Section):
         True, description="Run a real short turn through every stage before /readyz says ready."
     )
     shutdown_grace_s: float = Field(
-        2.0, ge=0, description="On SIGTERM: time to finish sending before sockets close (1001)."
+        30.0, ge=0, le=3600,
+        description="Draining, on SIGTERM: new sessions are refused (HTTP 503, /readyz 503) and "
+        "each session may finish its turn in flight (the user speaking, the reply generated, "
+        "sent and played) for at most this long before it is closed with 1001 (a second SIGTERM "
+        "closes them at once). The generated systemd unit's TimeoutStopSec is this plus 20 s.",
     )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto",

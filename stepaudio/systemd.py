@@ -14,6 +14,7 @@ example paths below, which a test keeps in step with this code.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import socket
@@ -122,8 +123,9 @@ class UnitSettings:
     vllm_exe: Path | None = None
     vllm: list[VllmUnit] = field(default_factory=list)
     wants: list[str] = field(default_factory=list)  # vLLM units the server talks to
-    shutdown_grace_s: float = 2.0
+    shutdown_grace_s: float = 30.0
     extra_paths: tuple[Path, ...] = ()  # models, source tree: decides ProtectHome
+    server: bool = True  # write stepaudio.service (not on a machine of a model pool only)
 
     def protect_home(self) -> str:
         paths = [self.exe, self.cache, *self.extra_paths]
@@ -139,6 +141,12 @@ class UnitSettings:
             return [f"CacheDirectory={self.cache.name}{suffix}"]
         sub = self.cache if unit == "stepaudio" else self.cache / unit
         return [f"ReadWritePaths={sub}"]
+
+
+def stop_timeout_s(grace_s: float) -> int:
+    """systemd's TimeoutStopSec for a server draining for ``grace_s``: the grace, the last
+    events' flush and unloading (20 s), before systemd resorts to SIGKILL."""
+    return math.ceil(grace_s) + 20
 
 
 HARDENING = """\
@@ -182,8 +190,11 @@ def render_server_unit(s: UnitSettings) -> str:
         "",
         "[Service]",
         "# Ready (READY=1 on $NOTIFY_SOCKET) once every model is loaded and warmed up, the moment",
-        "# /readyz turns 200. SIGTERM stops accepting, ends the turns in progress and closes every",
-        "# socket with 1001 within server.shutdown_grace_s.",
+        "# /readyz turns 200. SIGTERM drains: new sessions get HTTP 503 (and /readyz 503, so a",
+        "# balancer sends them elsewhere), each session may finish its turn in flight for up to",
+        f"# server.shutdown_grace_s ({s.shutdown_grace_s:g} s), then closes with 1001. The stop "
+        "timeout covers",
+        "# that grace plus 20 s for the last events and unloading; a second SIGTERM skips the wait.",
         "Type=notify",
         "NotifyAccess=main",
         f"User={s.user}",
@@ -199,7 +210,7 @@ def render_server_unit(s: UnitSettings) -> str:
         "RestartSec=5",
         "# Loading and warming up the real checkpoints takes minutes; the tiny ones seconds.",
         "TimeoutStartSec=900",
-        f"TimeoutStopSec={int(s.shutdown_grace_s) + 20}",
+        f"TimeoutStopSec={stop_timeout_s(s.shutdown_grace_s)}",
         "KillMode=mixed",
         HARDENING.format(protect_home=s.protect_home()).rstrip("\n"),
         "",
@@ -232,6 +243,9 @@ def render_vllm_unit(s: UnitSettings, u: VllmUnit) -> str:
         f"Group={s.user}",
         "# Secrets: VLLM_API_KEY=... makes vLLM require that key (set the server's",
         "# llm.api_key_env / tts.api_key_env to the name of a variable holding the same key).",
+        *(["# This replica listens on every address for the session tier: set that key, and keep",
+           "# the port to the session machines (firewall)."]
+          if "0.0.0.0" in u.argv else []),
         f"EnvironmentFile=-{s.env_dir / 'vllm.env'}",
         f"Environment=CUDA_VISIBLE_DEVICES={gpus} HOME=/var/lib/{u.name}",
         f"ExecStart={exec_line([str(s.vllm_exe), *u.argv])}",
@@ -261,46 +275,70 @@ def render_vllm_unit(s: UnitSettings, u: VllmUnit) -> str:
 # -- settings from a server config ----------------------------------------------------------------
 
 
+#: What one machine runs (``stepaudio install-service --role``): everything the config names
+#: (one box), or one tier of a scaled-out deployment (docs/scaling.md).
+ROLES = ("all", "session", "chat", "tts")
+
+
 def settings_for(cfg: Config, *, exe: Path, config: Path | None, models: Path | None,
                  user: str = "stepaudio", python: Path | None = None, vllm_exe: Path | None = None,
                  tp: int | None = None, cache: Path = DEFAULT_CACHE,
-                 env_dir: Path = DEFAULT_ENV_DIR, extra_paths: tuple[Path, ...] = ()
-                 ) -> UnitSettings:
+                 env_dir: Path = DEFAULT_ENV_DIR, extra_paths: tuple[Path, ...] = (),
+                 role: str = "all") -> UnitSettings:
     """Units for a server config. The vLLM units run what ``stepaudio vllm-command --config
     [--tts]`` prints (same GPUs, ports, context length): the Chat always once a model root is
     known (the tiny profile needs no vLLM), TTS-3B when the config serves it remotely
-    (``tts.engine: openai``)."""
+    (``tts.engine: openai``). Ports come from the first URL of ``llm.base_url`` /
+    ``tts.base_url``.
+
+    ``role``: ``all`` (one machine runs everything above), ``session`` (only the dialogue server:
+    its model pools live elsewhere), ``chat`` or ``tts`` (only that vLLM replica, listening on
+    every address for the session tier, TTS-3B on GPU 0 with the whole GPU to itself)."""
     from dataclasses import replace
     from urllib.parse import urlsplit
 
+    from .config import endpoint_urls
     from .llm.vllm_args import chat_spec, tts_spec
 
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     s = UnitSettings(exe=exe, user=user, config=config, env_dir=env_dir, cache=cache,
                      python=python, shutdown_grace_s=cfg.server.shutdown_grace_s,
-                     extra_paths=extra_paths + ((models,) if models else ()))
-    if models is None:
+                     extra_paths=extra_paths + ((models,) if models else ()),
+                     server=role in ("all", "session"))
+    if models is None or role == "session":
         return s
     s.vllm_exe = vllm_exe or exe.parent / "vllm"
     llm, tts = cfg.llm, cfg.tts
+    pool_node = role != "all"
+    host = "0.0.0.0" if pool_node else "127.0.0.1"
+
+    def port(urls: str | list[str], default: int) -> int:
+        return urlsplit(endpoint_urls(urls)[0]).port or default
+
+    specs = []
     chat = chat_spec(models, tensor_parallel_size=tp or llm.tensor_parallel_size,
-                     max_model_len=llm.max_model_len, port=urlsplit(llm.base_url).port or 8000)
+                     max_model_len=llm.max_model_len, port=port(llm.base_url, 8000), host=host)
     chat = replace(chat, served_model_name=llm.served_model_name)
-    specs = [("stepaudio-vllm", "Step-Audio-Chat", chat, llm.engine == "openai")]
-    if tts.engine == "openai":
-        speech = tts_spec(models, gpu=len(chat.gpus), port=urlsplit(tts.base_url).port or 8001)
+    if role in ("all", "chat"):
+        specs.append(("stepaudio-vllm", "Step-Audio-Chat", chat, llm.engine == "openai"))
+    if (role == "all" and tts.engine == "openai") or role == "tts":
+        speech = tts_spec(models, gpu=0 if pool_node else len(chat.gpus),
+                          port=port(tts.base_url, 8001), host=host,
+                          gpu_memory_utilization=0.9 if pool_node else 0.5)
         speech = replace(speech, served_model_name=tts.served_model_name)
         specs.append(("stepaudio-vllm-tts", "Step-Audio-TTS-3B", speech, True))
     for name, model, spec, used in specs:
         s.vllm.append(VllmUnit(name, model, spec.argv()[1:], spec.gpus,
-                               f"http://{spec.host}:{spec.port}/health"))
-        if used:
+                               f"http://127.0.0.1:{spec.port}/health"))
+        if used and s.server:
             s.wants.append(name)
     return s
 
 
 def render_units(s: UnitSettings) -> dict[str, str]:
     """File name → unit text."""
-    units = {"stepaudio.service": render_server_unit(s)}
+    units = {"stepaudio.service": render_server_unit(s)} if s.server else {}
     for u in s.vllm:
         units[f"{u.name}.service"] = render_vllm_unit(s, u)
     return units
@@ -320,7 +358,7 @@ def example_units() -> dict[str, str]:
 def install_service(*, out: Path, user: str = "stepaudio", config: Path | None = None,
                     models: Path | None = None, vllm_bin: Path | None = None,
                     tp: int | None = None, cache: Path = DEFAULT_CACHE,
-                    env_dir: Path = DEFAULT_ENV_DIR) -> list[Path]:
+                    env_dir: Path = DEFAULT_ENV_DIR, role: str = "all") -> list[Path]:
     """Write the units for this install (``stepaudio install-service``); returns their paths."""
     from .config import load_config
 
@@ -342,7 +380,7 @@ def install_service(*, out: Path, user: str = "stepaudio", config: Path | None =
     package = Path(__file__).resolve().parent
     settings = settings_for(cfg, exe=current_executable(), config=config, models=models,
                             user=user, python=python, vllm_exe=vllm_exe, tp=tp, cache=cache,
-                            env_dir=env_dir, extra_paths=(package,))
+                            env_dir=env_dir, extra_paths=(package,), role=role)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in render_units(settings).items():

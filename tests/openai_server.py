@@ -5,7 +5,10 @@ only and answers 422 to vLLM's extra fields (``stop_token_ids``, ``return_token_
 request shape our engine sends to vLLM could not be exercised against it. This server speaks that
 shape over real HTTP on loopback, generating with our transformers engine on a tiny checkpoint,
 and ends streams with ``data: [DONE]`` as vLLM does. ``/stats`` reports the model's forward calls
-so tests can see that closing a stream stops generation on the server.
+so tests can see that closing a stream stops generation on the server, and every request (its
+prompt, the ids it sent back, and how many prompt tokens the engine's prefix cache served, which the
+usage also carries as ``prompt_tokens_details.cached_tokens``, as ``vllm serve
+--enable-prompt-tokens-details`` does; a request cancelled before its end has no count).
 
 It also fails on request, the ways a real backend fails mid-reply (a vLLM restart, a proxy timing
 out, an overloaded GPU): ``POST /fault`` with ``{"mode": ..., "after": N, "requests": K,
@@ -60,6 +63,7 @@ from stepaudio.llm.engine_transformers import TransformersEngine  # noqa: E402
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 FAULTS = ("none", "hang", "close", "reset", "garbage", "error500", "http500")
 KEEPALIVE_S = 0.2
+MAX_LOG = 500
 
 
 @dataclass
@@ -124,6 +128,14 @@ class Server:
         self.release = asyncio.Event()
         self.faults_done = 0
         self.repetition_processor = repetition_processor
+        self.log: list[dict] = []  # the last MAX_LOG requests
+
+    def _prefix_counters(self) -> dict:
+        """The fast decoder's own totals of prompt tokens copied and computed (when it runs)."""
+        decoder = getattr(getattr(self.engine, "_steps", None), "decoder", None)
+        if decoder is None:
+            return {}
+        return {"prefix_hits": decoder.prefix_hits, "prefix_misses": decoder.prefix_misses}
 
     def _next_fault(self) -> Fault:
         """The fault for a new stream (and one fewer left to apply)."""
@@ -155,6 +167,8 @@ class Server:
                 writer.write(_json_response(200, {
                     "forward_calls": self.engine.forward_calls,
                     "active": self.engine.active_requests,
+                    "requests": self.log,
+                    **self._prefix_counters(),
                 }))
             elif method == "POST" and path == "/fault":
                 try:
@@ -206,6 +220,8 @@ class Server:
             writer.write(_json_response(400, {"error": {"message": str(exc)}}))
             return
         fault = self._next_fault()
+        record: dict = {"prompt": req["prompt"], "output": [], "cached_tokens": None}
+        self.log = self.log[-(MAX_LOG - 1):] + [record]
         if fault.mode == "http500":
             await gen.aclose()
             self.faults_done += 1
@@ -234,6 +250,7 @@ class Server:
                     ids = list(delta.token_ids) + list(stop_ids)  # vLLM returns the stop id
                 else:
                     ids = list(delta.token_ids)
+                record["output"] += list(delta.token_ids)
                 if with_ids:
                     choice["token_ids"] = ids
                 chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
@@ -244,12 +261,16 @@ class Server:
                 await self._fail(fault, writer, watcher)
                 return
             usage = gen.usage if fault.text is None else None
+            if usage is not None:
+                record["cached_tokens"] = usage.cached_prompt_tokens
             if usage is not None and (req.get("stream_options") or {}).get("include_usage"):
                 chunk = {"id": rid, "object": "text_completion", "created": int(time.time()),
                          "model": self.served_name, "choices": [],
                          "usage": {"prompt_tokens": usage.prompt_tokens,
                                    "completion_tokens": usage.completion_tokens,
-                                   "total_tokens": usage.total_tokens}}
+                                   "total_tokens": usage.total_tokens,
+                                   "prompt_tokens_details": {
+                                       "cached_tokens": usage.cached_prompt_tokens}}}
                 writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if self.send_done:
                 writer.write(b"data: [DONE]\n\n")

@@ -490,6 +490,16 @@ async def test_the_check_passes_a_server_that_applies_the_rule_and_tts_asks_for_
         await synth.aclose()
 
 
+def test_every_replica_of_a_tts_pool_is_checked(ruled_tts, plain_tts, tiny_root):
+    """One replica that applies the rule does not vouch for another that does not."""
+    from server.workers import _load_synthesizer
+    from stepaudio.tts.remote_rule import RepetitionRuleMissing
+
+    with pytest.raises(RepetitionRuleMissing) as err:
+        _load_synthesizer(_tts_config([ruled_tts, plain_tts], "on"), tiny_root, None)
+    assert plain_tts in str(err.value) and ruled_tts not in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def hf_serve_tts(tiny_root: Path, tmp_path_factory) -> Iterator[str]:
     """The real ``transformers serve`` of the tiny TTS-3B; yields its base URL (…/v1)."""

@@ -129,3 +129,43 @@ def test_serve_notifies_systemd_and_stops_gracefully_on_sigterm(tiny_root, tmp_p
     finally:
         srv.stop()
         sock.close()
+
+
+def test_units_per_role_of_a_scaled_out_deployment(tmp_path):
+    """session: the dialogue server alone (its pools are elsewhere, it waits for no local vLLM);
+    chat / tts: that vLLM replica alone, reachable from the session tier."""
+    cfg = REPO / "configs" / "step-audio.yaml"
+    vllm = _fake_vllm(tmp_path)
+    written = {}
+    for role in ("session", "chat", "tts"):
+        out = tmp_path / role
+        r = subprocess.run([*stepaudio_argv(), "install-service", "--config", str(cfg),
+                            "--models", str(tmp_path / "models"), "--out", str(out),
+                            "--vllm-bin", str(vllm), "--role", role],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        written[role] = {p.name: p.read_text() for p in out.glob("*.service")}
+    assert list(written["session"]) == ["stepaudio.service"]
+    assert "stepaudio-vllm" not in written["session"]["stepaudio.service"]
+    assert list(written["chat"]) == ["stepaudio-vllm.service"]
+    chat = written["chat"]["stepaudio-vllm.service"]
+    assert "--host 0.0.0.0" in chat and "CUDA_VISIBLE_DEVICES=0,1,2,3" in chat
+    assert "VLLM_API_KEY" in chat and "http://127.0.0.1:8000/health" in chat
+    assert list(written["tts"]) == ["stepaudio-vllm-tts.service"]
+    tts = written["tts"]["stepaudio-vllm-tts.service"]
+    assert "CUDA_VISIBLE_DEVICES=0 " in tts and "--gpu-memory-utilization 0.9" in tts
+    if VERIFY is not None:
+        units = [tmp_path / role / name for role in written for name in written[role]]
+        v = subprocess.run([VERIFY, "verify", *map(str, units)], capture_output=True, text=True,
+                           timeout=120)
+        ours = [line for line in (v.stdout + v.stderr).splitlines()
+                if any(u.name in line for u in units)]
+        assert v.returncode == 0 and not ours, v.stdout + v.stderr
+
+
+def test_the_stop_timeout_covers_the_drain_grace():
+    for grace in (0.0, 2.5, 30.0, 600.0):
+        unit = render_server_unit(UnitSettings(exe=Path("/opt/x/bin/stepaudio"),
+                                               shutdown_grace_s=grace))
+        stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
+        assert stop >= grace + 10

@@ -66,6 +66,7 @@ def test_serve_command_round_trips_through_a_shell_and_names_every_flag(tmp_path
     assert _flag(argv, "--tensor-parallel-size") == "4"
     assert _flag(argv, "--max-model-len") == "16384"
     assert "--trust-remote-code" in argv
+    assert "--enable-prefix-caching" in argv and "--enable-prompt-tokens-details" in argv
     assert _flag(argv, "--attention-backend") == "TRITON_ATTN"
     assert json.loads(_flag(argv, "--hf-overrides")) == {"tie_word_embeddings": False}
     assert json.loads(_flag(argv, "--override-generation-config")) == {

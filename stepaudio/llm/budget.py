@@ -5,6 +5,14 @@ deployment's instructions, so it stays too. Text history goes oldest first, a us
 with the assistant reply that follows it, so the remaining history still alternates. If the audio
 turn alone is over budget the request is refused with a clear error rather than answered blind.
 
+Where the cut falls is chosen for the prefix cache (vLLM keeps the keys of recent prompts, and a
+conversation's next prompt reuses all of its previous one that it starts with). Cutting just enough
+each time would move the start of the prompt at every turn once the window is full, and every turn
+would compute the whole prompt again. Instead the history is cut at points fixed by the
+conversation's own beginning, about a quarter of the budget apart (:func:`keep_from`): the prompt
+keeps the same start for several turns, and moves a whole step when it must, so after a cut the
+prompt uses at most about three quarters of the budget.
+
 Token counts are taken per turn: every turn starts with the special ``<|BOT|>`` token, at which the
 tokenizer always splits, so turn counts add up exactly (plus one BOS); the final prompt is encoded
 once more as a check.
@@ -23,6 +31,31 @@ from stepaudio.llm.prompt import (
     audio_content,
     chat_messages,
 )
+
+#: Cuts of the history fall on points about ``budget / CUT_STEPS`` tokens apart (see above).
+CUT_STEPS = 4
+
+
+def keep_from(sizes: Sequence[int], starts: Sequence[int], room: int, step: int) -> int | None:
+    """Index of ``sizes`` (tokens per history item, oldest first) where the kept history begins.
+
+    ``starts`` are the indexes a kept history may begin at, ascending (where an exchange
+    begins). The cut points are the first start in each ``step`` tokens counted from the
+    beginning of the history, plus the end (keep nothing): they do not move as turns are added,
+    so neither does the prompt's start. Returns the earliest cut point whose rest fits ``room``
+    tokens, else the earliest start that fits, else None.
+    """
+    before = [0]
+    for n in sizes:
+        before.append(before[-1] + n)
+    total = before[-1]
+    step = max(1, step)
+    cuts = [s for i, s in enumerate(starts)
+            if i == 0 or before[s] // step > before[starts[i - 1]] // step]
+    for s in [*cuts, len(sizes), *starts]:
+        if total - before[s] <= room:
+            return s
+    return None
 
 
 class ContextOverflowError(PromptError):
@@ -66,20 +99,23 @@ def fit_chat_prompt(
               for m in messages]
     fixed = 1 + _count(tokenizer, GENERATION_PREFIX) + pieces[-1] + sum(pieces[:n_system])
     turns = pieces[n_system:-1]
-    start = 0
-    while True:
-        if fixed + sum(turns[start:]) <= budget:
-            kept = hist[start:]
-            text = apply_chat_template(chat_messages(audio_str, kept, system))
-            ids = list(tokenizer.encode(text))
-            if len(ids) <= budget:
-                return FittedPrompt(text=text, ids=ids, history=kept, dropped=start)
-        if start >= len(hist):
-            need = fixed
-            raise ContextOverflowError(
-                f"the newest audio turn needs {need} prompt tokens (with the system prompt), "
-                f"over the {budget}-token context budget; send a shorter turn"
-            )
-        step = 2 if hist[start][0] == "user" and start + 1 < len(hist) and (
-            hist[start + 1][0] == "assistant") else 1
-        start += step
+    starts = [0]  # where an exchange (a user turn and the reply after it) begins
+    while starts[-1] < len(hist):
+        i = starts[-1]
+        pair = hist[i][0] == "user" and i + 1 < len(hist) and hist[i + 1][0] == "assistant"
+        starts.append(i + (2 if pair else 1))
+    room = budget - fixed
+    while room >= 0:
+        start = keep_from(turns, starts, room, budget // CUT_STEPS)
+        if start is None:
+            break
+        kept = hist[start:]
+        text = apply_chat_template(chat_messages(audio_str, kept, system))
+        ids = list(tokenizer.encode(text))
+        if len(ids) <= budget:
+            return FittedPrompt(text=text, ids=ids, history=kept, dropped=start)
+        room -= len(ids) - budget  # the joined text counted more than its turns: ask for less
+    raise ContextOverflowError(
+        f"the newest audio turn needs {fixed} prompt tokens (with the system prompt), "
+        f"over the {budget}-token context budget; send a shorter turn"
+    )

@@ -131,10 +131,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts of one request; ``completion_tokens`` includes the stop token if one ended it."""
+    """Token counts of one request; ``completion_tokens`` includes the stop token if one ended it.
+    ``cached_prompt_tokens``: the part of the prompt a prefix cache served (0 when the backend
+    does not say: vLLM reports it with ``--enable-prompt-tokens-details``)."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

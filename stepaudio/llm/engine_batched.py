@@ -223,7 +223,7 @@ class BatchedSteps:
         """One chunk of the prompt into the request's slot; the last one samples its first id."""
         assert req.slot is not None
         if req.prefilled == 0:  # a prompt that starts like a recent one copies that part
-            req.prefilled = self.decoder.reuse_prefix(req.slot, req.prompt_ids)
+            req.prefilled = req.cached = self.decoder.reuse_prefix(req.slot, req.prompt_ids)
         chunk = req.prompt_ids[req.prefilled : req.prefilled + self.engine.prefill_chunk]
         logits = self.decoder.prefill(req.slot, chunk)
         self.decoder.count_prefill(len(chunk))

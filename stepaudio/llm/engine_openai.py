@@ -2,28 +2,34 @@
 
 Uses the streaming legacy ``POST /v1/completions`` because the Step-Audio prompt is a raw string
 (or token ids) built here, not a chat the server would template. Several dialogue-server replicas
-can share one vLLM deployment this way.
+can share one vLLM deployment this way, and one engine can spread over several vLLM replicas (a
+pool, :mod:`stepaudio.llm.pool`): each conversation sticks to one, failed ones are taken out.
 
 Failure handling is the point of this module: a connection refused is retried a bounded number of
 times with backoff (the request has not reached the server, so a retry cannot duplicate work); a
 timeout, a reset mid-stream, an HTTP error or a body that is not an OpenAI stream raises one of our
-:class:`EngineError` types with a one-line message, which ends that response only. Streams are
-accepted with or without the final ``data: [DONE]`` (vLLM sends it, ``transformers serve`` does
-not). Closing a generation closes its connection, which is how vLLM learns to abort the request.
+:class:`EngineError` types with a one-line message, which ends that response only. With a pool, a
+refused connection moves the request to the next endpoint at once (nothing reached the first), and
+an endpoint that refused, cut a stream short or timed out is taken out for the requests that
+follow. Streams are accepted with or without the final ``data: [DONE]`` (vLLM sends it,
+``transformers serve`` does not). Closing a generation closes its connection, which is how vLLM learns to abort the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from stepaudio.config import endpoint_urls
 from stepaudio.llm.detok import IncrementalDetokenizer
 from stepaudio.llm.engine import (
     REPETITION_XARG,
@@ -40,6 +46,7 @@ from stepaudio.llm.engine import (
     StreamedGeneration,
     Usage,
 )
+from stepaudio.llm.pool import CONVERSATION, Endpoint, EndpointPool
 
 if TYPE_CHECKING:
     from stepaudio.config import LLMConfig
@@ -144,6 +151,9 @@ class _HTTPGeneration(StreamedGeneration):
         self._extra_body = extra_body
         self._response: httpx.Response | None = None
         self._closing: asyncio.Task[None] | None = None
+        #: The conversation of the task that asked (its requests go to its endpoint).
+        self._conversation = CONVERSATION.get()
+        self.endpoint: Endpoint | None = None
         super().__init__(request_id)
 
     def cancel(self) -> None:
@@ -179,8 +189,9 @@ class _HTTPGeneration(StreamedGeneration):
         text_chunks = 0
         usage: dict[str, Any] | None = None
         finish: FinishReason | None = None
-        response = await engine._open(body, self.request_id)
-        self._response = response
+        response, endpoint = await engine._open(body, self.request_id, self._conversation)
+        self._response, self.endpoint = response, endpoint
+        pool = engine.pool
         try:
             if self._cancelled:
                 yield self._final(FinishReason.CANCELLED, self._usage(usage, completion_ids))
@@ -223,29 +234,36 @@ class _HTTPGeneration(StreamedGeneration):
                 else:
                     raise EngineProtocolError("backend stream ended without a finish reason")
             tail = detok.flush() if detok is not None and finish is not FinishReason.CANCELLED else ""
-            yield Delta(
-                text=tail,
-                finish_reason=finish,
-                usage=self._usage(usage, completion_ids or text_chunks, finish),
-            )
+            final_usage = self._usage(usage, completion_ids or text_chunks, finish)
+            endpoint.prompt_tokens += final_usage.prompt_tokens
+            endpoint.cached_tokens += final_usage.cached_prompt_tokens
+            yield Delta(text=tail, finish_reason=finish, usage=final_usage)
+        except EngineProtocolError as exc:  # cut short, or not an event stream: not serving
+            pool.mark_down(endpoint, str(exc))
+            raise
         except httpx.TimeoutException as exc:
-            raise EngineTimeout(
-                f"LLM backend at {engine.base_url} sent nothing for {engine.read_timeout_s:g} s"
-            ) from exc
+            message = f"LLM backend at {endpoint.url} sent nothing for {engine.read_timeout_s:g} s"
+            pool.mark_down(endpoint, message)
+            raise EngineTimeout(message) from exc
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if self._cancelled:
                 yield self._final(FinishReason.CANCELLED, self._usage(usage, completion_ids))
                 return
-            raise EngineUnavailable(
-                f"LLM backend at {engine.base_url} dropped the stream: {type(exc).__name__}: {exc}"
-            ) from exc
+            message = (f"LLM backend at {endpoint.url} dropped the stream: "
+                       f"{type(exc).__name__}: {exc}")
+            pool.mark_down(endpoint, message)
+            raise EngineUnavailable(message) from exc
         finally:
+            endpoint.in_flight -= 1
             await response.aclose()
 
     def _usage(self, usage: dict[str, Any] | None, counted: int,
                finish: FinishReason | None = None) -> Usage:
         if usage:
-            return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            details = usage.get("prompt_tokens_details") or {}
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            return Usage(int(usage.get("prompt_tokens") or 0),
+                         int(usage.get("completion_tokens") or 0), cached)
         prompt = self._prompt
         if isinstance(prompt, list):
             n_prompt = len(prompt)
@@ -266,7 +284,7 @@ class OpenAIEngine(EngineBase):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         *,
         tokenizer: Any = None,
@@ -278,10 +296,15 @@ class OpenAIEngine(EngineBase):
         retry_backoff_s: float = 0.25,
         max_model_len: int = 32768,
         defaults: SamplingParams | None = None,
+        health_path: str = "/health",
+        health_check_interval_s: float = 2.0,
     ) -> None:
         if dialect not in ("vllm", "openai"):
             raise ValueError(f"unknown dialect {dialect!r}")
-        self.base_url = base_url.rstrip("/")
+        self.pool = EndpointPool(endpoint_urls(base_url), health_path=health_path,
+                                 check_interval_s=health_check_interval_s,
+                                 check_timeout_s=min(connect_timeout_s, 2.0))
+        self.base_url = self.pool.endpoints[0].url  # the only one, unless it is a pool
         self.model = model
         self.tokenizer = tokenizer
         self.dialect = dialect
@@ -293,6 +316,7 @@ class OpenAIEngine(EngineBase):
         self.defaults = defaults or SamplingParams()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._clients: dict[int, httpx.AsyncClient] = {}
+        self._checkers: dict[int, asyncio.Task[None]] = {}
         #: As a TTS-3B engine: whether its requests ask the server for the repetition rule
         #: (``stepaudio.tts.remote_rule`` checks at start-up that the server applies it).
         self.repetition_rule = True
@@ -325,7 +349,18 @@ class OpenAIEngine(EngineBase):
             connect_retries=cfg.connect_retries,
             max_model_len=int(max_len or 32768),
             defaults=SamplingParams.from_config(cfg),
+            health_path=cfg.health_path,
+            health_check_interval_s=cfg.health_check_interval_s,
         )
+
+    def single(self, url: str) -> OpenAIEngine:
+        """An engine like this one on the pool's endpoint ``url`` alone (to check each replica
+        of a pool at start-up); it shares nothing that needs closing with this one."""
+        twin = copy.copy(self)
+        twin.pool = EndpointPool([url], check_interval_s=self.pool.check_interval_s)
+        twin.base_url = url
+        twin._clients, twin._checkers = {}, {}
+        return twin
 
     def unsupported(self, params: SamplingParams) -> str | None:
         if params.logits_hook is not None:
@@ -358,37 +393,64 @@ class OpenAIEngine(EngineBase):
             )
             client = httpx.AsyncClient(timeout=timeout, headers=self._headers, trust_env=False)
             self._clients[id(loop)] = client
+            if len(self.pool) > 1:  # one endpoint gets every request whatever its health
+                self._checkers[id(loop)] = loop.create_task(self.pool.run_checks(client),
+                                                            name="endpoint-health")
         return client
 
-    async def _open(self, body: dict[str, Any], request_id: str) -> httpx.Response:
-        """POST with bounded retries on connection failures only; return the open stream."""
-        url = f"{self.base_url}/completions"
+    async def _open(self, body: dict[str, Any], request_id: str, conversation: str | None
+                    ) -> tuple[httpx.Response, Endpoint]:
+        """POST to the conversation's endpoint and return the open stream (the endpoint counts
+        it in flight until the generation closes it).
+
+        A refused connection never reached the server, so it is safe to repeat: the request
+        moves to the next endpoint at once, and when every endpoint has refused it, the round
+        starts again after a backoff, ``connect_retries`` times. Nothing else is retried.
+        """
         client = self._client()
-        request = client.build_request(
-            "POST", url, json=body, headers={"X-Request-Id": request_id}
-        )
-        attempt = 0
+        headers = {"X-Request-Id": request_id}
+        tried: set[str] = set()
+        rounds = 0
         while True:
+            ep = self.pool.choose(conversation, exclude=tried)
+            request = client.build_request("POST", f"{ep.url}/completions", json=body,
+                                           headers=headers)
+            ep.in_flight += 1  # from the choice on, so requests chosen together spread out
             try:
                 response = await client.send(request, stream=True)
-                break
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt >= self.connect_retries:
+                ep.in_flight -= 1
+                self.pool.mark_down(ep, f"connection failed: {exc or type(exc).__name__}")
+                tried.add(ep.url)
+                if len(tried) < len(self.pool):
+                    continue
+                if rounds >= self.connect_retries:
+                    where = (ep.url if len(self.pool) == 1
+                             else f"any of {len(self.pool)} endpoints ({ep.url} last)")
                     raise EngineUnavailable(
-                        f"cannot reach the LLM backend at {self.base_url} after "
-                        f"{attempt + 1} attempt(s): {exc or type(exc).__name__}"
+                        f"cannot reach the LLM backend at {where} after {rounds + 1} "
+                        f"attempt(s): {exc or type(exc).__name__}"
                     ) from exc
-                await asyncio.sleep(self.retry_backoff_s * 2**attempt)
-                attempt += 1
+                await asyncio.sleep(self.retry_backoff_s * 2**rounds)
+                rounds += 1
+                tried.clear()
+                continue
             except httpx.TimeoutException as exc:
-                raise EngineTimeout(
-                    f"LLM backend at {self.base_url} did not answer within {self.read_timeout_s:g} s"
-                ) from exc
+                ep.in_flight -= 1
+                message = f"LLM backend at {ep.url} did not answer within {self.read_timeout_s:g} s"
+                self.pool.mark_down(ep, message)
+                raise EngineTimeout(message) from exc
             except httpx.HTTPError as exc:
+                ep.in_flight -= 1
                 raise EngineUnavailable(
-                    f"LLM backend at {self.base_url} failed: {type(exc).__name__}: {exc}"
+                    f"LLM backend at {ep.url} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            except BaseException:  # cancelled while connecting
+                ep.in_flight -= 1
+                raise
+            break
         if response.status_code != 200:
+            ep.in_flight -= 1
             try:
                 raw = (await response.aread()).decode("utf-8", "replace")
             except httpx.HTTPError:
@@ -401,10 +463,18 @@ class OpenAIEngine(EngineBase):
                 detail = (_error_message(obj) if isinstance(obj, dict) else None) or detail
             except ValueError:
                 pass
+            if response.status_code in (502, 503, 504):  # a gateway without its server
+                self.pool.mark_down(ep, f"answered HTTP {response.status_code}")
             raise EngineError(f"LLM backend answered HTTP {response.status_code}: {detail}")
-        return response
+        self.pool.mark_up(ep)
+        ep.requests += 1
+        return response, ep
 
     async def aclose(self) -> None:
+        checkers, self._checkers = list(self._checkers.values()), {}
+        for task in checkers:
+            with contextlib.suppress(RuntimeError):  # its loop is already closed
+                task.cancel()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             try:

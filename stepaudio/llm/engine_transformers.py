@@ -136,6 +136,7 @@ class _Request:
     cache: Any = None  # per-request path: the growing KV cache
     ids: list[int] = field(default_factory=list)  # prompt + generated, what the hooks see
     prefilled: int = 0
+    cached: int = 0  # prompt tokens copied from a kept prefix instead of computed
     completion: int = 0
     slot: int | None = None  # fast path: the decoder slot it holds
     unsent: list[int] = field(default_factory=list)  # fast path: ids not yet posted as deltas
@@ -439,7 +440,8 @@ class TransformersEngine(EngineBase):
     def _finish(self, req: _Request, reason: FinishReason) -> None:
         self._remove(req)
         text = req.detok.flush() if reason is not FinishReason.CANCELLED else ""
-        usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion)
+        usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion,
+                      cached_prompt_tokens=req.cached)
         req.stream._post(Delta(text=text, finish_reason=reason, usage=usage), last=True)
 
     def _fail(self, req: _Request, exc: BaseException, release: bool = True) -> None:

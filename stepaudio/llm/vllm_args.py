@@ -25,6 +25,11 @@ ATTENTION_BACKEND = "TRITON_ATTN"
 #: The released config.json has no tie_word_embeddings key (so True by default) but the checkpoints
 #: hold their own lm_head.weight; tying would replace it by the embeddings.
 HF_OVERRIDES = {"tie_word_embeddings": False}
+#: Prefix caching is vLLM 0.33's default for generative models (``EngineArgs.enable_prefix_caching``
+#: is None and becomes ``ModelConfig.is_prefix_caching_supported``), but a conversation's every
+#: turn depends on it, so the commands say it rather than inherit it. The prompt-token details make
+#: each response report how much of its prompt the cache served (the server's /metrics adds it up).
+PREFIX_CACHE_FLAGS = ("--enable-prefix-caching", "--enable-prompt-tokens-details")
 #: The TTS-3B repetition rule as a Model Runner V2 logits processor (vLLM 0.33's default runner).
 TTS_LOGITS_PROCESSOR = "stepaudio.tts.vllm_repetition:RepetitionAwareV2"
 CHAT_SERVED_NAME = "step-audio-chat"
@@ -64,6 +69,7 @@ def engine_kwargs(
         "hf_overrides": dict(HF_OVERRIDES),
         "attention_backend": ATTENTION_BACKEND,
         "gpu_memory_utilization": gpu_memory_utilization,
+        "enable_prefix_caching": True,
     }
 
 
@@ -109,6 +115,7 @@ class ServeSpec:
             "--trust-remote-code",
             "--attention-backend", ATTENTION_BACKEND,
             "--hf-overrides", json.dumps(HF_OVERRIDES),
+            *PREFIX_CACHE_FLAGS,
         ]
         if self.generation_defaults:
             args += ["--override-generation-config", json.dumps(self.generation_defaults)]

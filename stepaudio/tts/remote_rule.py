@@ -84,15 +84,26 @@ def check_remote_rule(engine: Any, setting: Literal["on", "off"]) -> bool:
                     "repetition rule and may stutter or loop")
         return False
 
+    pool = getattr(engine, "pool", None)
+    # Every replica of a pool is asked: each one serves its own share of the conversations.
+    engines = [engine.single(ep.url) for ep in pool] if pool is not None and len(pool) > 1 \
+        else [engine]
+
     async def run() -> str | None:
         try:
-            return await probe(engine)
+            for one in engines:
+                problem = await probe(one)
+                if problem is not None:
+                    return problem
+            return None
         finally:
-            await engine.aclose()  # its connection pool belongs to this short-lived loop
+            for one in {id(e): e for e in [*engines, engine]}.values():
+                await one.aclose()  # their connection pools belong to this short-lived loop
 
     problem = asyncio.run(run())
     if problem is not None:
         raise RepetitionRuleMissing(f"{problem}: {HOW_TO_FIX}")
-    log.info("the TTS server at %s applies the repetition rule",
-             getattr(engine, "base_url", "?"))
+    log.info("the TTS server%s at %s appl%s the repetition rule", "s" if len(engines) > 1 else "",
+             ", ".join(getattr(e, "base_url", "?") for e in engines),
+             "y" if len(engines) > 1 else "ies")
     return True
