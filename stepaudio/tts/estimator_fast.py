@@ -166,6 +166,9 @@ class FastEstimator(nn.Module):
         self.dec = decoder
         self.fused_norm = fused_norm
         self._qkv: dict[int, torch.Tensor] = {}
+        #: Keys each query may attend (B, 1, 1, T), or None for all: set per stage by the masked
+        #: estimator (:class:`~stepaudio.tts.vocoder_batch.MaskedEstimator`).
+        self._keys: torch.Tensor | None = None
 
     def _fused_qkv(self, block: BasicTransformerBlock) -> torch.Tensor:
         w = self._qkv.get(id(block))
@@ -181,7 +184,7 @@ class FastEstimator(nn.Module):
         inner = a.to_q.out_features
         qkv = F.linear(h, self._fused_qkv(block))
         q, k, v = qkv.view(b, n, 3, a.heads, inner // a.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._keys)
         return a.to_out[0](out.transpose(1, 2).reshape(b, n, inner).to(q.dtype))
 
     def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

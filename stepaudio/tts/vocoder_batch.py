@@ -26,10 +26,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from stepaudio.tts.estimator import BasicTransformerBlock, Block1D, ResnetBlock1D
+from stepaudio.tts.estimator import Block1D, ResnetBlock1D
 from stepaudio.tts.estimator_fast import FastEstimator, fast_estimator, group_norm_mish
 from stepaudio.tts.flow import cosine_t_span
 from stepaudio.tts.vocoder_work import Decode, Encode, PredictF0, Regulate, Request, Solve
@@ -68,16 +67,6 @@ class MaskedEstimator(FastEstimator):
     def __init__(self, fast: FastEstimator) -> None:
         super().__init__(fast.dec, fast.fused_norm)
         self._qkv = fast._qkv  # share the fused q/k/v weights
-        self._keys: torch.Tensor | None = None
-
-    def _attend(self, block: BasicTransformerBlock, h: torch.Tensor) -> torch.Tensor:
-        a = block.attn1
-        b, n, _ = h.shape
-        inner = a.to_q.out_features
-        qkv = F.linear(h, self._fused_qkv(block))
-        q, k, v = qkv.view(b, n, 3, a.heads, inner // a.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._keys)
-        return a.to_out[0](out.transpose(1, 2).reshape(b, n, inner).to(q.dtype))
 
     def _masked_resnet(self, r: ResnetBlock1D, x: torch.Tensor, t: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
