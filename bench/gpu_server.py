@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -102,6 +104,19 @@ def one_n(url: str, base: str, pid: int, plan: Any, n: int, seed: int, gpu: GPUS
     return res
 
 
+def start_profile(pid: int, path: Path, seconds: float, delay: float
+                  ) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the server for ``seconds`` after ``delay`` (the sessions' lead-in), only
+    stacks that hold the GIL, per thread: where the one interpreter lock goes under load."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("py-spy is not installed: no profile", flush=True)
+        return None
+    cmd = f"sleep {delay}; exec {spy} record --pid {pid} --duration {int(seconds)} --rate 200 " \
+          f"--gil --threads --nonblocking --format raw -o {path}"
+    return subprocess.Popen(["sh", "-c", cmd])
+
+
 def _vocoder_metrics(text: str) -> dict[str, float]:
     """The vocoder batch counters from /metrics (mean rows per flow call)."""
     out: dict[str, float] = {}
@@ -170,6 +185,10 @@ def main() -> int:
                     help="stop once this share of replies has a gap (no buffer)")
     ap.add_argument("--set", action="append", default=[],
                     help="config override SECTION.KEY=VALUE (YAML value), repeatable")
+    ap.add_argument("--profile-n", type=int, default=0,
+                    help="at this N, sample the server with py-spy (if installed): which "
+                    "threads hold the GIL, in what code (collapsed stacks in OUT/pyspy_N.txt)")
+    ap.add_argument("--profile-secs", type=float, default=20.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -199,13 +218,18 @@ def main() -> int:
         print(HEAD, flush=True)
         before: dict[str, float] = {}
         for n in [int(x) for x in args.sessions.split(",")]:
+            spy = start_profile(server.proc.pid, out / f"pyspy_{n}.txt", args.profile_secs,
+                                delay=args.lead_secs + 1.0) if n == args.profile_n else None
             r = one_n(url, server.base, server.proc.pid, plan, n, args.seed, gpu, session)
+            if spy is not None:
+                spy.wait()
             r["vocoder"] = vocoder_rounds(before, r["metrics_tail"])
             before = r["metrics_tail"]
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(row(r), flush=True)
             print(f"  vocoder: {r['vocoder']}", flush=True)
+            print(f"  gaps (s of reply played, ms silent): {r['gaps_at_s_and_ms']}", flush=True)
             p0 = r["playback"]["prebuffer_0ms"]
             if p0["replies"] and p0["replies_with_underrun"] / p0["replies"] >= args.stop_share:
                 print(f"stopping: {p0['replies_with_underrun']}/{p0['replies']} replies had a "

@@ -113,10 +113,17 @@ class PumpClient:
 class InputPump:
     """The VAD worker: one task, one thread, every session batched into each model call."""
 
-    def __init__(self, model: SileroVAD, metrics: Metrics, tick_ms: int = 20) -> None:
+    def __init__(self, model: SileroVAD, metrics: Metrics, tick_ms: int = 20,
+                 min_cycle_ms: float = 8.0) -> None:
+        """``min_cycle_ms``: cycles start at least this far apart. Sessions append at their own
+        moments, so waking at every append would run one session per cycle (a thread hop, a
+        VAD call and their overhead for each 20 ms of each session's audio); waiting a few ms
+        lets one cycle take every session that appended meanwhile."""
         self.model = model
         self.metrics = metrics
         self.tick_s = tick_ms / 1000.0
+        self.min_cycle_s = min_cycle_ms / 1000.0
+        self._last_cycle = 0.0
         self.clients: set[PumpClient] = set()
         self.tickers: set[Callable[[], None]] = set()
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepaudio-vad")
@@ -168,10 +175,13 @@ class InputPump:
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
             except TimeoutError:
                 pass
+            wait = self.min_cycle_s - (time.perf_counter() - self._last_cycle)
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
             jobs = [(c, c.take()) for c in list(self.clients) if c.pending]
             if jobs:
-                t0 = time.perf_counter()
+                t0 = self._last_cycle = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(self._thread, self._cycle, jobs)
                 except Exception:  # a bug here must not stop every session's VAD
@@ -606,7 +616,8 @@ def synth_options(tts: Any, profile: str) -> Any:
 
 def tts_engine_options(tts: Any) -> dict[str, Any]:
     """In-process TTS-3B engine settings from the ``tts`` config section."""
-    return {"max_batch": tts.max_batch, "max_len": tts.max_len, "prefix_slots": tts.prefix_slots}
+    return {"max_batch": tts.max_batch, "max_len": tts.max_len, "prefix_slots": tts.prefix_slots,
+            "stream_interval": tts.stream_interval, "cuda_priority": tts.cuda_priority}
 
 
 def new_seed() -> int:

@@ -354,6 +354,18 @@ class TTSConfig(_Section):
         description="In-process TTS-3B: KV-cache slots that keep recent prompts; a clause in a "
         "voice already heard copies its ~900-token speaker prompt instead of computing it.",
     )
+    stream_interval: int = Field(
+        1, ge=1, le=64,
+        description="In-process TTS-3B: speech tokens per delta handed to the synthesizer (the "
+        "first at once). Above 1, many speaking sessions cost the event loop one wake-up per "
+        "session every few decode steps instead of every step, at up to that many steps of "
+        "delay per chunk.",
+    )
+    cuda_priority: int = Field(
+        0, ge=-5, le=0,
+        description="In-process TTS-3B on CUDA: priority of its decode stream (negative runs "
+        "ahead of the vocoder's kernels when both wait for the GPU; 0: the default stream).",
+    )
     batching: Switch = Field(
         "auto",
         description="Run the flow and HiFT of every speaking session through one scheduler that "

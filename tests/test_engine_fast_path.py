@@ -383,3 +383,29 @@ async def test_a_prompt_extending_a_recent_one_reuses_its_keys_and_samples_the_s
         assert eng.decoder.prefix_misses == len(prompt_ids) + len(next_turn) - len(prompt_ids)
     finally:
         eng.close()
+
+
+async def test_stream_interval_groups_tokens_into_fewer_deltas_with_the_same_ids(
+        slow, prompt_ids, overlap):
+    """With ``stream_interval`` k, the first token goes out alone and at once, every later delta
+    but the last carries k tokens, and the ids are those of k = 1."""
+    params = SamplingParams(max_new_tokens=23, seed=7, stop_token_ids=())
+    one = fast_engine(slow, overlap)
+    four = fast_engine(slow, overlap, stream_interval=4)
+    try:
+        runs = []
+        for eng in (one, four):
+            sizes, ids = [], []
+            async for delta in eng.generate(prompt_ids, params):
+                if delta.token_ids:
+                    sizes.append(len(delta.token_ids))
+                    ids += delta.token_ids
+            runs.append((sizes, ids))
+    finally:
+        one.close()
+        four.close()
+    assert runs[0][0] == [1] * 23
+    assert runs[1][0] == [1, 4, 4, 4, 4, 4, 2]
+    assert runs[1][1] == runs[0][1]
+    with pytest.raises(ValueError, match="stream_interval"):
+        TransformersEngine(slow.model, slow.tokenizer, fast_decode="on", stream_interval=0)

@@ -203,7 +203,7 @@ def test_load_client_hears_gaps_as_a_real_time_player_would():
     import base64
     import json
 
-    from server.instruments.loadtest import _delta_seconds, underruns
+    from server.instruments.loadtest import _delta_seconds, gaps_heard, underruns
 
     pcm = bytes(2 * 2400)  # 100 ms of pcm16 at 24 kHz
     raw = json.dumps({"type": "response.output_audio.delta", "response_id": "r",
@@ -215,3 +215,5 @@ def test_load_client_hears_gaps_as_a_real_time_player_would():
     gaps, silent = underruns(late)
     assert gaps == 1 and silent == pytest.approx(0.3)
     assert underruns(late, prebuffer_s=0.3) == (0, 0.0)  # a 300 ms jitter buffer hides it
+    two = [(0.0, 0.2), (0.5, 0.2), (0.6, 0.2), (1.5, 0.3)]  # after 0.2 s and after 0.6 s played
+    assert [(round(at, 6), round(s, 6)) for at, s in gaps_heard(two)] == [(0.2, 0.3), (0.6, 0.6)]

@@ -354,3 +354,34 @@ def test_a_batching_synthesizer_chunks_by_its_batched_options(tiny_root):
     alone = Synthesizer.from_model_root(tiny_root, options=SynthOptions(batching=False))
     assert synth.stream_options().first_frames == 32 and synth.stream_options().max_hop_frames == 192
     assert alone.stream_options() == StreamOptions()
+
+
+def test_hift_graph_routing_replays_a_one_row_graph_per_odd_length_window(golden_cv):
+    """Row buckets replay their graph; a batch of a length captured only for one row replays
+    that graph once per window; anything else (or more rows than the cap) runs eagerly. Bookkeeping
+    only: on the CPU ``warm`` runs HiFT eagerly and captures nothing."""
+    from stepaudio.tts.cuda_graphs import GraphedBatchDecode
+
+    dec = GraphedBatchDecode(golden_cv.hift, max_rows=8)
+    assert dec.warm([1, 2, 4], [12]) == 3
+    assert dec.warm_lengths(range(10, 14)) == 3  # 12 already has its one-row graph
+    assert dec.route(3, 12) == (4, 12)
+    assert dec.route(1, 11) == (1, 11)
+    assert dec.route(3, 11) == "per_row"
+    assert dec.route(2, 9) == "eager"
+    assert dec.route(9, 12) == "eager"
+    mel = torch.randn(2, golden_cv.hift.conv_pre.in_channels, 11)
+    src = 0.1 * torch.randn(2, 1, 11 * golden_cv.hift.samples_per_frame())
+    with torch.inference_mode():
+        assert torch.equal(dec(mel, src), golden_cv.hift.decode(mel, src))
+
+
+def test_a_later_clause_starts_with_a_full_hop_only_when_the_listener_has_audio_ahead():
+    from stepaudio.tts.synthesizer import later_clause_options
+
+    opts = SynthOptions().batched_stream
+    assert later_clause_options(opts).first_frames == opts.max_hop_frames == 192
+    assert later_clause_options(opts, 3.0, 2.0).first_frames == 192
+    short = later_clause_options(opts, 0.6, 2.0)  # a one-second first clause, mostly played
+    assert short.first_frames == opts.hop_frames == 48
+    assert [short.hop(k) for k in range(4)] == [48, 48, 96, 192]

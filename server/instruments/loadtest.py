@@ -182,21 +182,30 @@ def _delta_seconds(raw: str) -> float:
     return ((j - i) * 3 // 4 - pad) / 2 / RATE
 
 
-def underruns(arrivals: list[tuple[float, float]], prebuffer_s: float = 0.0
-              ) -> tuple[int, float]:
-    """(gaps, seconds of silence) a real-time player hears for one reply's audio deltas,
-    playback starting ``prebuffer_s`` after the first one arrives."""
+def gaps_heard(arrivals: list[tuple[float, float]], prebuffer_s: float = 0.0
+               ) -> list[tuple[float, float]]:
+    """(seconds of reply audio played before it, seconds of silence) of each gap a real-time
+    player hears in one reply's audio deltas, playback starting ``prebuffer_s`` after the first
+    one arrives. Where in the reply gaps fall says which chunk came late (the second, a clause's
+    first, a steady one)."""
     if not arrivals:
-        return 0, 0.0
+        return []
     end = arrivals[0][0] + prebuffer_s
-    gaps, silent = 0, 0.0
+    played, out = 0.0, []
     for t, dur in arrivals:
         if t > end + 1e-4:
-            gaps += 1
-            silent += t - end
+            out.append((played, t - end))
             end = t
         end += dur
-    return gaps, silent
+        played += dur
+    return out
+
+
+def underruns(arrivals: list[tuple[float, float]], prebuffer_s: float = 0.0
+              ) -> tuple[int, float]:
+    """(gaps, seconds of silence) a real-time player hears for one reply's audio deltas."""
+    gaps = gaps_heard(arrivals, prebuffer_s)
+    return len(gaps), sum(s for _, s in gaps)
 
 
 async def run_session(url: str, plan: Plan, delay: float, session: dict[str, Any],
@@ -257,16 +266,19 @@ def summary(xs: list[float]) -> dict[str, float | int | None]:
 def analyse(logs: list[SessionLog], plan: Plan) -> dict[str, Any]:
     lat, wait, model, over, srv_over, saved = [], [], [], [], [], []
     commit_first, tts_first, gaps_ms = [], [], []
+    gap_at: list[list[float]] = []
     answered = committed = 0
     playback: dict[str, Any] = {}
     for prebuffer in (0.0, 0.1):
         n_gaps, silent, replies, hit = 0, 0.0, 0, 0
         for log in logs:
             for arrivals in log.audio.values():
-                g, sec = underruns(arrivals, prebuffer)
+                heard = gaps_heard(arrivals, prebuffer)
+                g, sec = len(heard), sum(s for _, s in heard)
                 n_gaps, silent, replies, hit = n_gaps + g, silent + sec, replies + 1, hit + (g > 0)
                 if prebuffer == 0.0 and g:
                     gaps_ms.append(1000.0 * sec)
+                    gap_at += [[round(at, 2), round(1000.0 * s)] for at, s in heard]
         playback[f"prebuffer_{int(prebuffer * 1000)}ms"] = {
             "replies": replies, "replies_with_underrun": hit, "underruns": n_gaps,
             "underrun_ms": round(1000.0 * silent, 1)}
@@ -318,6 +330,7 @@ def analyse(logs: list[SessionLog], plan: Plan) -> dict[str, Any]:
         "tts_request_to_first_audio_ms": summary(tts_first),
         "playback": playback,
         "underrun_ms_per_affected_reply": summary(gaps_ms),
+        "gaps_at_s_and_ms": sorted(gap_at),
         "client_late_frames": sum(lg.late_frames for lg in logs),
         "client_send_lag_max_ms": 1000.0 * max((lg.max_send_lag for lg in logs), default=0.0),
         "errors": sorted({e for lg in logs for e in lg.errors}),

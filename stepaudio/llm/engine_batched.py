@@ -236,7 +236,7 @@ class BatchedSteps:
         if errors:
             raise errors[0]
         self._accept(req, int(tokens[0]))
-        self._send(req)  # the first token goes out at once: time to first token matters most
+        self._send(req, now=True)  # the first token goes out at once: time to first token
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _accept(self, req: _Request, token: int) -> None:
@@ -250,8 +250,10 @@ class BatchedSteps:
         if req.completion >= params.max_new_tokens or len(req.ids) >= self.engine.max_model_len:
             self._finish(req, FinishReason.LENGTH)
 
-    def _send(self, req: _Request) -> None:
-        if req.unsent:
+    def _send(self, req: _Request, now: bool = False) -> None:
+        """Post the request's unsent tokens as one delta once there are ``stream_interval`` of
+        them (``now``: whatever there is)."""
+        if len(req.unsent) >= (1 if now else self.engine.stream_interval):
             text = "".join(req.detok.add(t) for t in req.unsent)
             req.stream._post(Delta(text=text, token_ids=tuple(req.unsent)))
             req.unsent.clear()
@@ -266,7 +268,7 @@ class BatchedSteps:
         if reason is FinishReason.CANCELLED:
             req.unsent.clear()  # the consumer drops text that arrives after its cancel anyway
         else:
-            self._send(req)
+            self._send(req, now=True)
         self.engine._finish(req, reason)
 
     def _fail(self, req: _Request, exc: BaseException) -> None:

@@ -181,6 +181,8 @@ class TransformersEngine(EngineBase):
         max_waiting: int = 256,
         cuda_graphs: bool | None = None,
         prefix_slots: int = 4,
+        stream_interval: int = 1,
+        cuda_priority: int = 0,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -194,6 +196,16 @@ class TransformersEngine(EngineBase):
         if max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
         self.prefill_chunk = prefill_chunk
+        if stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
+        #: Batched path: a delta carries at least this many tokens (the first and the last go
+        #: out at once), so N streams cost the consumer's loop N wake-ups every few steps, not
+        #: every step.
+        self.stream_interval = stream_interval
+        #: CUDA: the worker runs on a stream of this priority (negative: ahead of the default
+        #: 0), so decode steps that share the GPU with another thread's kernels (the vocoder's)
+        #: are dispatched first; 0 keeps the thread's default stream.
+        self.cuda_priority = cuda_priority
         self.defaults = defaults or SamplingParams()
         self.max_waiting = max_waiting
         self.forward_calls = 0
@@ -396,6 +408,10 @@ class TransformersEngine(EngineBase):
             self._thread.start()
 
     def _run(self) -> None:
+        if self.device.type == "cuda" and self.cuda_priority:
+            stream = torch.cuda.Stream(self.device, priority=self.cuda_priority)
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # loading, captures
+            torch.cuda.set_stream(stream)  # this thread's current stream from now on
         with torch.inference_mode():
             while True:
                 with self._cond:

@@ -325,11 +325,15 @@ class GraphedBatchSolver:
 class GraphedBatchDecode:
     """:attr:`BatchRunner.decoder` (HiFT's decode on equal-length windows) replayed per
     (rows, mel length) from CUDA graphs sharing one pool; rows rounded up to a power of two.
-    Only the standard window lengths (:meth:`warm`) get graphs: a short utterance's single
-    window can have any length, and HiFT run eagerly costs a few milliseconds, less than a
-    capture on a request would."""
 
-    def __init__(self, hift: torch.nn.Module, max_rows: int = 16, max_graphs: int = 64) -> None:
+    The standard window lengths get graphs for every row bucket (:meth:`warm`); every other
+    length up to the longest window gets a one-row graph (:meth:`warm_lengths`): a clause
+    shorter than two steady windows ends with a window as long as the clause, so under load
+    most rounds hold a few such windows, and run eagerly each cost ~10-20 ms of launches on a
+    busy host (measured: HiFT took 35-50 ms of a 150-240 ms round at 16-32 sessions) where a
+    replay costs ~3 ms. A batch of such windows replays its one-row graph once per window."""
+
+    def __init__(self, hift: torch.nn.Module, max_rows: int = 16, max_graphs: int = 512) -> None:
         self.hift = hift
         self.max_rows = max_rows
         pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
@@ -340,16 +344,28 @@ class GraphedBatchDecode:
 
         self.cache = _GraphCache(decode, max_graphs, pool=pool)
 
-    def __call__(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        if mel.device.type != "cuda" or mel.shape[0] > self.max_rows:
-            return self.hift.decode(mel, source)
-        rows = mel.shape[0]
+    def route(self, rows: int, length: int) -> tuple[int, int] | str:
+        """How a (rows, length) batch runs: the graph key it replays (rows rounded up to a
+        power of two), ``"per_row"`` (the one-row graph once per window) or ``"eager"``."""
+        if rows > self.max_rows:
+            return "eager"
         size = 1
         while size < rows:
             size *= 2
-        key = (size, int(mel.shape[-1]))
-        if key not in self.cache.allowed:
+        if (size, length) in self.cache.allowed:
+            return (size, length)
+        return "per_row" if (1, length) in self.cache.allowed else "eager"
+
+    def __call__(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        if mel.device.type != "cuda":
             return self.hift.decode(mel, source)
+        rows = mel.shape[0]
+        key = self.route(rows, int(mel.shape[-1]))
+        if key == "per_row":
+            return torch.cat([self(mel[i: i + 1], source[i: i + 1]) for i in range(rows)])
+        if isinstance(key, str):
+            return self.hift.decode(mel, source)
+        size = key[0]
         if size != rows:
             mel = torch.cat([mel, mel.new_zeros((size - rows, *mel.shape[1:]))])
             source = torch.cat([source, source.new_zeros((size - rows, *source.shape[1:]))])
@@ -368,6 +384,11 @@ class GraphedBatchDecode:
                      0.1 * torch.randn(r, 1, length * spf, device=dev))
                 n += 1
         return n
+
+    def warm_lengths(self, lengths: Iterable[int]) -> int:
+        """Capture one-row graphs for ``lengths`` not captured yet; returns how many."""
+        todo = [int(x) for x in lengths if (1, int(x)) not in self.cache.allowed]
+        return self.warm([1], todo) if todo else 0
 
 
 class GraphedBatchEncoder:
