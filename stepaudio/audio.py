@@ -128,8 +128,6 @@ class StreamingResampler:
         import torch  # imported here: the codecs and file I/O of this module do not need torch
         from torchaudio.functional.functional import _get_sinc_resample_kernel
 
-        self._torch, self._conv1d = torch, torch.nn.functional.conv1d
-
         gcd = math.gcd(self.orig_sr, self.new_sr)
         self.kernel, self.width = _get_sinc_resample_kernel(
             self.orig_sr, self.new_sr, gcd, 6, 0.99, "sinc_interp_hann", None, torch.device("cpu"), None
@@ -146,8 +144,10 @@ class StreamingResampler:
         used = (nblocks - 1) * self.orig + self.klen
         # Two torch calls, the rest in numpy: a live server runs this for every 20 ms append of
         # every session on one interpreter lock, where each torch call's Python overhead counts.
-        x = self._torch.from_numpy(buf[:used].reshape(1, 1, used))
-        y = self._conv1d(x, self.kernel, stride=self.orig).numpy()  # (1, new, nblocks)
+        import torch
+
+        x = torch.from_numpy(buf[:used].reshape(1, 1, used))
+        y = torch.nn.functional.conv1d(x, self.kernel, stride=self.orig).numpy()  # (1, new, n)
         return y[0].T.reshape(-1), nblocks * self.orig
 
     def process(self, wav: np.ndarray) -> np.ndarray:
