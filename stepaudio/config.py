@@ -356,7 +356,7 @@ class TTSConfig(_Section):
     )
     stream_interval: int = Field(
         1, ge=1, le=64,
-        description="In-process TTS-3B: speech tokens per delta handed to the synthesizer (the "
+        description="In-process TTS-3B, fast path: speech tokens per delta handed to the synthesizer (the "
         "first at once). Above 1, many speaking sessions cost the event loop one wake-up per "
         "session every few decode steps instead of every step, at up to that many steps of "
         "delay per chunk.",

@@ -65,6 +65,19 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
+    def _valid_tile(x_ptr, m_ptr, base, b, c, cmask, t0, T, HAS_MASK: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+        """One (channels, BLOCK_T) tile of a row from frame ``t0``, zero where the frame is past
+        the end or masked out: (x, valid frames, valid cells)."""
+        t = t0 + tl.arange(0, BLOCK_T)
+        valid = t < T
+        if HAS_MASK:
+            valid = valid & (tl.load(m_ptr + b * T + t, mask=t < T, other=0.0) > 0)
+        keep = cmask[:, None] & valid[None, :]
+        x = tl.load(x_ptr + base + c[:, None] * T + t[None, :], mask=keep, other=0.0)
+        return x, valid, keep
+
+    @triton.jit
     def _gn_mish_kernel(x_ptr, m_ptr, w_ptr, b_ptr, out_ptr, C, T, CG, eps,
                         HAS_MASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
         """One (row, group): statistics over the group's channels and the row's valid frames,
@@ -78,12 +91,8 @@ if HAS_TRITON:
         total = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
         count = tl.zeros([BLOCK_T], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            valid = t < T
-            if HAS_MASK:
-                valid = valid & (tl.load(m_ptr + b * T + t, mask=t < T, other=0.0) > 0)
-            keep = cmask[:, None] & valid[None, :]
-            x = tl.load(x_ptr + base + c[:, None] * T + t[None, :], mask=keep, other=0.0)
+            x, valid, keep = _valid_tile(x_ptr, m_ptr, base, b, c, cmask, t0, T, HAS_MASK,
+                                         BLOCK_T)
             total += x.to(tl.float32)
             count += valid.to(tl.float32)
         n = tl.sum(count, axis=0) * CG
@@ -91,12 +100,8 @@ if HAS_TRITON:
         mean = tl.sum(tl.sum(total, axis=1), axis=0) / n
         dev = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            valid = t < T
-            if HAS_MASK:
-                valid = valid & (tl.load(m_ptr + b * T + t, mask=t < T, other=0.0) > 0)
-            keep = cmask[:, None] & valid[None, :]
-            x = tl.load(x_ptr + base + c[:, None] * T + t[None, :], mask=keep, other=0.0)
+            x, _, keep = _valid_tile(x_ptr, m_ptr, base, b, c, cmask, t0, T, HAS_MASK,
+                                     BLOCK_T)
             d = tl.where(keep, x.to(tl.float32) - mean, 0.0)
             dev += d * d
         rstd = 1.0 / tl.sqrt_rn(tl.sum(tl.sum(dev, axis=1), axis=0) / n + eps)
